@@ -1,0 +1,97 @@
+"""Side-by-side comparison of a trained method with closed-form baselines, through the same evaluation path.
+
+At the end of ``fit`` every baseline is fitted on the same training dataloader the method trained on
+(:class:`~lightning_modules.base.ClosedFormModule`: one pass of statistics, then a closed-form solve,
+exactly what ``fit`` does for that baseline on its own), and the baselines and the trained method are
+embedded and scored on the same evaluation sets by :func:`~callbacks.retrieval_evaluation.score_eval_sets`.
+The table is printed, written to ``comparison.json`` in the run directory and logged as a W&B table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.retrieval_evaluation import _retrieval_datamodule, format_table, score_eval_sets
+from lightning_modules.base import ClosedFormModule, RetrievalModule
+from retrieval.files import write_text_atomic
+
+
+class BaselineComparison(pl.Callback):
+    """Compare the trained method with ``baselines`` at the end of fit.
+
+    Args:
+        baselines: closed-form methods (e.g. ``RawEmbedding``, ``PCAProjection``), fitted here.
+        stage: which evaluation sets to score (``"val"`` or ``"test"``).
+    """
+
+    def __init__(self, baselines: list[ClosedFormModule], stage: str = "val"):
+        for baseline in baselines:
+            if not isinstance(baseline, ClosedFormModule):
+                raise TypeError(f"baselines must be closed-form methods, got {type(baseline).__name__}")
+        self.baselines = baselines
+        self.stage = stage
+        self.rows: list[dict] = []
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        datamodule = _retrieval_datamodule(trainer)
+        self.rows = []
+        for module in [*self.baselines, pl_module]:
+            if module is not pl_module:
+                module.to(pl_module.device)
+                fit_closed_form(trainer, module, datamodule.train_dataloader())
+            metrics = evaluate_module(trainer, module, datamodule, self.stage)
+            self.rows.append({"method": method_name(module), "dim": module.retrieval_dim, **metrics})
+        if trainer.is_global_zero:
+            self._report(trainer)
+
+    def _report(self, trainer) -> None:
+        columns = list(self.rows[0].keys())
+        table = [[row.get(c) for c in columns] for row in self.rows]
+        rank_zero_info(format_table(columns, table, title=f"comparison on the {self.stage} sets, same evaluation path"))
+        write_text_atomic(Path(trainer.default_root_dir) / "comparison.json", json.dumps(self.rows, indent=2) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=f"{self.stage}/comparison", columns=columns, data=table)
+
+
+def method_name(module: RetrievalModule) -> str:
+    return getattr(module, "method_name", type(module).__name__)
+
+
+def _prepare(trainer, batch, device):
+    """A batch as the training loop hands it to a module: on its device, in the run's precision."""
+    return trainer.precision_plugin.convert_input(move_data_to_device(batch, device))
+
+
+@torch.no_grad()
+def fit_closed_form(trainer, module: ClosedFormModule, loader) -> None:
+    """One pass of :meth:`ClosedFormModule.observe` over ``loader``, then a solve summed over processes."""
+    module.reset_statistics()
+    for batch in loader:
+        module.observe(_prepare(trainer, batch, module.device))
+    module.solve(lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu())
+
+
+@torch.no_grad()
+def evaluate_module(trainer, module: RetrievalModule, datamodule, stage: str) -> dict[str, float]:
+    """Embed the evaluation sets of ``stage`` with ``module`` and score them (all processes call this)."""
+    was_training = module.training
+    module.eval()
+    outputs = {}
+    with trainer.precision_plugin.forward_context():
+        for loader_idx, loader in enumerate(datamodule.eval_dataloaders(stage)):
+            outputs[loader_idx] = [
+                (batch["index"], module.embed(_prepare(trainer, batch, module.device)).float().cpu())
+                for batch in loader
+            ]
+    module.train(was_training)
+    metrics = score_eval_sets(trainer, datamodule, stage, lambda i: outputs[i], cosine_variance=True)
+    prefix = f"{stage}/"
+    return {key.removeprefix(prefix): value for key, value in metrics.items()}

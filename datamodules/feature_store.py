@@ -1,0 +1,116 @@
+"""Datamodules over stored descriptors (feature stores), for methods that train on embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
+from retrieval.feature_store import FeatureStore
+from retrieval.ground_truth import LabelGroundTruth
+
+
+class EmbeddingDataset(Dataset):
+    """Rows of a ``[N, D]`` array (memory-mapped or in memory) as ``{"index", "embedding"}`` examples."""
+
+    def __init__(self, embeddings: np.ndarray):
+        self.embeddings = embeddings
+
+    @classmethod
+    def from_store(cls, path: str | Path) -> EmbeddingDataset:
+        return cls(FeatureStore(path).global_descriptors())
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return {"index": index, "embedding": torch.from_numpy(np.asarray(self.embeddings[index], dtype=np.float32))}
+
+
+class LabelledFeatureStores(RetrievalDataModule):
+    """Global descriptors from feature stores, with labels in the stores as ground truth (same label = match).
+
+    Args:
+        train: store of the training (fit) split.
+        val_database, test_database: stores searched at validation / test time.
+        val_query, test_query: query stores; ``None`` means leave-one-out on the database (every database
+            image is a query, itself excluded), the Stanford Online Products protocol.
+        name: benchmark name in metric keys.
+        recall_ks, map_ks: cut-offs of Recall@k and mAP@k.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val_database: str | None = None,
+        val_query: str | None = None,
+        test_database: str | None = None,
+        test_query: str | None = None,
+        name: str = "features",
+        recall_ks: Sequence[int] = (1, 10),
+        map_ks: Sequence[int] = (100,),
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_seed: int | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self.paths = {
+            "train": train,
+            "val_database": val_database,
+            "val_query": val_query,
+            "test_database": test_database,
+            "test_query": test_query,
+        }
+        self.name = name
+        self.recall_ks = tuple(recall_ks)
+        self.map_ks = tuple(map_ks)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the stored global descriptors (all stores must agree)."""
+        dims = {path: FeatureStore(path).global_dim for path in self.paths.values() if path is not None}
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"feature stores disagree on the descriptor size: {dims}")
+        return next(iter(dims.values()))
+
+    def _store(self, split: str) -> FeatureStore:
+        path = self.paths[split]
+        if path is None:
+            raise ValueError(f"{type(self).__name__}: no '{split}' feature store configured (data.init_args.{split})")
+        return FeatureStore(path)
+
+    def train_dataset(self) -> EmbeddingDataset:
+        return EmbeddingDataset(self._store("train").global_descriptors())
+
+    def predict_dataset(self) -> EmbeddingDataset:
+        return self.train_dataset()
+
+    def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
+        database = self._store(f"{stage}_database")
+        queries = self._store(f"{stage}_query") if self.paths[f"{stage}_query"] is not None else None
+        for store in (database, queries):
+            if store is not None and store.labels is None:
+                raise ValueError(f"{store.path} has no 'labels' dataset, needed as ground truth here")
+        ground_truth = LabelGroundTruth(
+            queries.labels if queries is not None else database.labels,
+            database.labels if queries is not None else None,
+            recall_ks=self.recall_ks,
+            map_ks=self.map_ks,
+        )
+        return [
+            EvalSet(
+                name=self.name,
+                database=EmbeddingDataset(database.global_descriptors()),
+                queries=EmbeddingDataset(queries.global_descriptors()) if queries is not None else None,
+                ground_truth=ground_truth,
+            )
+        ]

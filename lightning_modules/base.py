@@ -1,0 +1,110 @@
+"""What every method module provides to the shared evaluation path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+
+LRSchedule = Literal["constant", "cosine"]
+
+
+class RetrievalModule(pl.LightningModule):
+    """Base of every method.
+
+    A method implements :meth:`embed`: a batch of examples in, L2-normalised retrieval embeddings out.
+    Validation, test and predict steps return ``{"index", "embeddings"}``; the evaluation callback gathers
+    them, searches and computes the benchmark's metrics, so no method computes its own.
+    """
+
+    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def retrieval_dim(self) -> int | None:
+        """Size of the retrieval embedding, for reports; ``None`` when not known yet."""
+        return None
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return {"index": batch["index"], "embeddings": self.embed(batch)}
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    # ---- helpers for subclasses ---------------------------------------------------------------------------
+    def data_embedding_dim(self) -> int:
+        """Size of the input embeddings, read from the datamodule (for models built lazily)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dim = getattr(datamodule, "embedding_dim", None)
+        if dim is None:
+            raise ValueError(
+                f"{type(self).__name__}: input_dim is not set and the datamodule does not tell its embedding size; "
+                "set model.init_args.input_dim"
+            )
+        return int(dim)
+
+    def stop_if_not_finite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
+        """Stop training with a clear message when the loss is NaN/Inf on any process.
+
+        The decision is shared by all processes, so none is left waiting in a collective.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
+            raise FloatingPointError(
+                f"{type(self).__name__}: the loss became non-finite at epoch {self.current_epoch}, "
+                f"step {self.global_step} ({values}). Lower the learning rate or check the input embeddings."
+            )
+
+    def build_optimizer(self, lr: float, weight_decay: float, schedule: LRSchedule):
+        """AdamW, optionally with a per-step cosine decay over the whole run."""
+        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        if schedule == "constant":
+            return optimizer
+        if schedule != "cosine":
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ClosedFormModule(RetrievalModule):
+    """A method fitted in closed form from statistics of one pass over the training set (no optimiser).
+
+    :meth:`observe` accumulates statistics of a batch, :meth:`solve` turns the statistics summed over all
+    processes into parameters. ``fit`` runs one epoch of ``observe`` and then ``solve``; the comparison
+    callback calls the same two methods over the same training dataloader.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def solve(self, all_reduce_sum=None) -> None:
+        """Compute the parameters; ``all_reduce_sum(tensor)`` sums a statistic over processes."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        self.observe(batch)
+
+    def on_train_epoch_start(self) -> None:
+        self.reset_statistics()
+
+    def on_train_epoch_end(self) -> None:
+        self.solve(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu())
+
+    def reset_statistics(self) -> None:
+        pass
+
+    def configure_optimizers(self):
+        return None

@@ -1,0 +1,147 @@
+"""Run directories: where one run's config, checkpoints, metrics and W&B files live.
+
+``<trainer.default_root_dir>/version_<N>/`` holds ``config.yaml`` (the fully resolved config, seed
+included), ``run.json`` (seed, W&B run id, command line), ``checkpoints/``, ``metrics.json`` and ``wandb/``.
+Every new run gets the next version, so a second run with the same config never collides with the first.
+
+* ``fit --ckpt_path last`` resumes the newest run under the root that has ``checkpoints/last.ckpt``, in its
+  own directory and W&B run.
+* ``validate`` / ``test`` / ``predict`` with a checkpoint inside a run directory write into that run
+  (metrics and W&B run included), so one experiment stays in one place.
+
+Processes of one DDP run must agree on the directory. The process that chooses it exports it as
+``RETRIEVAL_RUN_DIR``; processes Lightning launches inherit it. Under torchrun or SLURM, where all processes
+start at once, the directory is named after the launcher's job id. Setting ``RETRIEVAL_RUN_DIR`` by hand pins
+the directory of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retrieval.files import write_text_atomic
+
+RUN_DIR_ENV = "RETRIEVAL_RUN_DIR"
+RUN_FILE = "run.json"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+_VERSION = re.compile(r"^version_(\d+)$")
+# The value this process exported itself: a later run in the same process must not mistake it for a pin.
+_exported: str | None = None
+
+
+@dataclass
+class RunInfo:
+    """What ``run.json`` records about a run."""
+
+    directory: str
+    wandb_id: str
+    seed: int | None = None
+    commands: list[str] | None = None
+
+    def save(self) -> None:
+        write_text_atomic(Path(self.directory) / RUN_FILE, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> RunInfo | None:
+        path = Path(directory) / RUN_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def choose_run_directory(root: str | os.PathLike, subcommand: str, ckpt_path: str | None) -> tuple[Path, str | None]:
+    """The run directory for this run, and the checkpoint path with ``"last"`` resolved.
+
+    Called by every process; the choice is shared through ``RETRIEVAL_RUN_DIR`` (see the module docstring).
+    """
+    root = Path(root)
+    pinned = os.environ.get(RUN_DIR_ENV)
+    if pinned and pinned != _exported:
+        directory = Path(pinned)
+        if ckpt_path == "last":
+            ckpt_path = str(directory / LAST_CHECKPOINT)
+        return directory, ckpt_path
+    if ckpt_path == "last":
+        directory = newest_resumable_run(root)
+        if directory is None:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no run under {root} has {LAST_CHECKPOINT} (expected {root}/version_<N>/{LAST_CHECKPOINT})"
+            )
+        return directory, str(directory / LAST_CHECKPOINT)
+    if ckpt_path:
+        owner = run_directory_of(Path(ckpt_path))
+        if owner is not None:
+            return owner, ckpt_path
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or (
+        os.environ.get("SLURM_JOB_ID") if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else None
+    )
+    if job:  # all processes start together: a shared name instead of a race for the next version
+        return root / f"job_{job}", ckpt_path
+    return next_version(root), ckpt_path
+
+
+def export_run_directory(directory: Path) -> None:
+    global _exported
+    _exported = str(directory)
+    os.environ[RUN_DIR_ENV] = _exported
+
+
+def next_version(root: Path) -> Path:
+    """Create and return ``root/version_<N>`` with ``N`` one above the highest existing version."""
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        versions = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name))]
+        candidate = root / f"version_{max(versions, default=-1) + 1}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:  # another run took it between listing and creating
+            continue
+
+
+def newest_resumable_run(root: Path) -> Path | None:
+    """The most recently written run under ``root`` that has a last checkpoint."""
+    if not root.is_dir():
+        return None
+    candidates = [p for p in root.iterdir() if (p / LAST_CHECKPOINT).is_file()]
+    return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime, default=None)
+
+
+def run_directory_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file belongs to (``<run>/checkpoints/<file>``), if any."""
+    directory = checkpoint.resolve().parent.parent
+    return directory if (directory / RUN_FILE).is_file() else None
+
+
+def prepare_run(directory: Path, seed: int | None) -> RunInfo:
+    """Create the directory and record this invocation in ``run.json`` (rank 0 only writes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=new_wandb_id(), commands=[])
+    if _is_global_zero():
+        info.seed = seed
+        info.commands = [*(info.commands or []), f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(sys.argv)}"]
+        info.save()
+    return info
+
+
+def current_run() -> RunInfo | None:
+    """The run this process belongs to, when it was started by the project's CLI."""
+    directory = os.environ.get(RUN_DIR_ENV)
+    return RunInfo.load(Path(directory)) if directory else None
+
+
+def new_wandb_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _is_global_zero() -> bool:
+    return all(int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))

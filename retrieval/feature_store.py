@@ -1,0 +1,293 @@
+"""Feature stores: descriptors of one (backbone, dataset, split) in one HDF5 file.
+
+Layout (``format = "retrieval-feature-store"``, ``format_version = 1``)::
+
+    ids      [N]            UTF-8 image ids (file names relative to the dataset root, or dataset ids)
+    global   [N, D]         global descriptors, float16 or float32, stored contiguously (memory-mappable)
+    local    [N, L, 5 + D]  local descriptors, columns x, y, scale, pad (1 = padding), weight, descriptor...,
+                            sorted by weight, float16 (the layout the AMES authors publish), chunked per image
+    labels   [N]            optional integer labels (class / landmark id), when the split has them
+    attrs    config         JSON of the extraction configuration (backbone, resolution, pooling, ...)
+             num_images     N
+
+``global`` and ``local`` are each optional, but a store holds at least one of them. Image ids and labels are
+datasets rather than attributes because HDF5 attributes are limited to 64 KiB.
+
+Writing is streaming and resumable: :class:`FeatureStoreWriter` fills ``<name>.partial`` in any order and
+renames it to ``<name>`` only when every row is written, so a file under the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from retrieval.validation import check_finite_rows
+
+FORMAT = "retrieval-feature-store"
+FORMAT_VERSION = 1
+LOCAL_COLUMNS = ("x", "y", "scale", "pad", "weight")
+EXPECTED_LAYOUT = (
+    "an HDF5 feature store with attrs format='retrieval-feature-store', num_images=N, config=<json> and "
+    "datasets ids [N] (strings), global [N, D] and/or local [N, L, 5 + D] (x, y, scale, pad, weight, "
+    "descriptor...), optionally labels [N]"
+)
+_FINITE_CHECK_ROWS = 65536
+
+
+class FeatureStoreError(ValueError):
+    """A feature store file is missing pieces or does not follow the layout."""
+
+
+class FeatureStore:
+    """Read access to a complete feature store; the file is validated when opened."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = f" ({partial.name} exists: its writing was interrupted; resume it)" if partial.exists() else ""
+            raise FileNotFoundError(f"feature store {self.path} not found{hint}; expected {EXPECTED_LAYOUT}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self._read_header(f)
+        except OSError as error:
+            raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({error}); expected {EXPECTED_LAYOUT}")
+
+    def _read_header(self, f: h5py.File) -> None:
+        if f.attrs.get("format") != FORMAT:
+            raise FeatureStoreError(f"{self.path} has no format='{FORMAT}' attribute; expected {EXPECTED_LAYOUT}")
+        if "ids" not in f or not ({"global", "local"} & set(f.keys())):
+            raise FeatureStoreError(
+                f"{self.path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}"
+            )
+        self.num_images = int(f.attrs["num_images"])
+        self.config = json.loads(f.attrs.get("config", "{}"))
+        for name in ("ids", "global", "local", "labels"):
+            if name in f and f[name].shape[0] != self.num_images:
+                raise FeatureStoreError(
+                    f"{self.path}: dataset '{name}' has {f[name].shape[0]} rows but num_images is {self.num_images}"
+                )
+        self.global_dim = int(f["global"].shape[1]) if "global" in f else None
+        self.local_shape = tuple(int(s) for s in f["local"].shape[1:]) if "local" in f else None
+        if self.local_shape is not None and self.local_shape[1] <= len(LOCAL_COLUMNS):
+            raise FeatureStoreError(
+                f"{self.path}: local descriptors have {self.local_shape[1]} columns; expected 5 + D "
+                f"({', '.join(LOCAL_COLUMNS)}, descriptor...)"
+            )
+        self.ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
+        self.labels = f["labels"][()] if "labels" in f else None
+
+    @property
+    def has_global(self) -> bool:
+        return self.global_dim is not None
+
+    @property
+    def has_local(self) -> bool:
+        return self.local_shape is not None
+
+    def global_descriptors(self, memory_map: bool = True) -> np.ndarray:
+        """``[N, D]`` global descriptors (stored dtype), memory-mapped when the file allows it.
+
+        Rows with NaN or Inf are refused with a count, naming the file.
+        """
+        if not self.has_global:
+            raise FeatureStoreError(f"{self.path} holds no global descriptors; expected {EXPECTED_LAYOUT}")
+        with h5py.File(self.path, "r") as f:
+            dataset = f["global"]
+            offset = dataset.id.get_offset()
+            mappable = memory_map and offset is not None and dataset.chunks is None and dataset.compression is None
+            if mappable:
+                array = np.memmap(self.path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+            else:
+                array = dataset[()]
+        for start in range(0, len(array), _FINITE_CHECK_ROWS):
+            check_finite_rows(np.asarray(array[start : start + _FINITE_CHECK_ROWS]), f"{self.path} (global, from row {start})")
+        return array
+
+    def local_descriptors(self, rows: Sequence[int] | slice) -> np.ndarray:
+        """``[len(rows), L, 5 + D]`` local descriptors of the given rows."""
+        if not self.has_local:
+            raise FeatureStoreError(f"{self.path} holds no local descriptors; expected {EXPECTED_LAYOUT}")
+        with h5py.File(self.path, "r") as f:
+            if isinstance(rows, slice):
+                return f["local"][rows]
+            rows = np.asarray(rows)
+            order = np.argsort(rows)
+            values = f["local"][rows[order]]
+            return values[np.argsort(order)]
+
+
+class FeatureStoreWriter:
+    """Streaming, resumable writer of a feature store.
+
+    Rows may arrive in any order (e.g. from several processes' shards, merged by one). Opening a writer
+    whose ``<path>.partial`` exists continues it, provided ids, shapes and config match; :meth:`missing_rows`
+    tells what is left. :meth:`finalize` (also called on leaving a ``with`` block without error) checks
+    that every row is written and atomically renames the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        ids: Sequence[str],
+        global_dim: int | None = None,
+        local_shape: tuple[int, int] | None = None,
+        labels: Sequence[int] | None = None,
+        config: dict | None = None,
+        global_dtype: str = "float32",
+        local_dtype: str = "float16",
+    ):
+        if global_dim is None and local_shape is None:
+            raise ValueError("a feature store holds global descriptors, local descriptors or both")
+        self.path = Path(path)
+        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.num_images = len(ids)
+        self.global_dim = global_dim
+        self.local_shape = tuple(local_shape) if local_shape is not None else None
+        config_json = json.dumps(config or {}, sort_keys=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial_path.exists():
+            self._file = h5py.File(self.partial_path, "r+")
+            self._check_resumable(ids, config_json)
+        else:
+            self._file = h5py.File(self.partial_path, "w")
+            self._create(ids, labels, config_json, global_dtype, local_dtype)
+
+    def _create(self, ids, labels, config_json, global_dtype, local_dtype) -> None:
+        f = self._file
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["num_images"] = self.num_images
+        f.attrs["config"] = config_json
+        f.create_dataset("ids", data=np.array([str(i) for i in ids], dtype=object), dtype=h5py.string_dtype())
+        if labels is not None:
+            if len(labels) != self.num_images:
+                raise ValueError(f"{len(labels)} labels for {self.num_images} images")
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        if self.global_dim is not None:
+            # Contiguous and uncompressed, so readers can memory-map it.
+            f.create_dataset("global", shape=(self.num_images, self.global_dim), dtype=global_dtype)
+        if self.local_shape is not None:
+            f.create_dataset(
+                "local", shape=(self.num_images, *self.local_shape), dtype=local_dtype, chunks=(1, *self.local_shape)
+            )
+        f.create_dataset("written", shape=(self.num_images,), dtype=bool, fillvalue=False)
+
+    def _check_resumable(self, ids, config_json) -> None:
+        f = self._file
+        stored_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
+        problems = []
+        if stored_ids != [str(i) for i in ids]:
+            problems.append("image ids differ")
+        if f.attrs.get("config") != config_json:
+            problems.append("extraction config differs")
+        if self.global_dim is not None and ("global" not in f or f["global"].shape[1] != self.global_dim):
+            problems.append("global descriptor size differs")
+        if self.local_shape is not None and ("local" not in f or tuple(f["local"].shape[1:]) != self.local_shape):
+            problems.append("local descriptor shape differs")
+        if problems:
+            self._file.close()
+            raise FeatureStoreError(
+                f"cannot resume {self.partial_path}: {', '.join(problems)}; delete it to start over"
+            )
+
+    def missing_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self._file["written"][()])
+
+    def write(self, rows, global_descriptors=None, local_descriptors=None) -> None:
+        """Write descriptors of the given row indices (any order, no repeats)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        order = np.argsort(rows)
+        rows = rows[order]
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.num_images or np.any(rows[1:] == rows[:-1])):
+            raise ValueError(f"rows must be distinct indices in [0, {self.num_images})")
+        selection = _as_selection(rows)
+        for name, values, expected in (
+            ("global", global_descriptors, self.global_dim),
+            ("local", local_descriptors, self.local_shape),
+        ):
+            if expected is None:
+                if values is not None:
+                    raise ValueError(f"this store was declared without {name} descriptors")
+                continue
+            if values is None:
+                raise ValueError(f"{name} descriptors are missing for rows {rows[:5].tolist()}...")
+            values = _to_numpy(values)[order]
+            check_finite_rows(values, f"{name} descriptors for {self.path.name}")
+            self._file[name][selection] = values
+        self._file["written"][selection] = True
+
+    def finalize(self) -> Path:
+        missing = self.missing_rows()
+        if len(missing):
+            self._file.close()
+            raise FeatureStoreError(
+                f"{self.partial_path}: {len(missing)} of {self.num_images} rows were never written "
+                f"(first: {missing[:5].tolist()}); the file is kept so the writing can resume"
+            )
+        del self._file["written"]
+        self._file.flush()
+        self._file.close()
+        os.replace(self.partial_path, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finalising: the ``.partial`` file stays for a later resume."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> FeatureStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+
+def write_feature_store(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    global_descriptors=None,
+    local_descriptors=None,
+    labels=None,
+    config: dict | None = None,
+    global_dtype: str = "float32",
+) -> Path:
+    """Write a whole feature store at once (atomically)."""
+    global_descriptors = None if global_descriptors is None else _to_numpy(global_descriptors)
+    local_descriptors = None if local_descriptors is None else _to_numpy(local_descriptors)
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    if partial.exists():
+        partial.unlink()  # a one-shot write has nothing to resume
+    with FeatureStoreWriter(
+        path,
+        ids,
+        global_dim=None if global_descriptors is None else global_descriptors.shape[1],
+        local_shape=None if local_descriptors is None else local_descriptors.shape[1:],
+        labels=labels,
+        config=config,
+        global_dtype=global_dtype,
+    ) as writer:
+        writer.write(np.arange(len(ids)), global_descriptors, local_descriptors)
+    return Path(path)
+
+
+def _to_numpy(values) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _as_selection(sorted_rows: np.ndarray):
+    """A slice when the rows are one contiguous run (much faster in HDF5), else the index array."""
+    if len(sorted_rows) and sorted_rows[-1] - sorted_rows[0] + 1 == len(sorted_rows):
+        return slice(int(sorted_rows[0]), int(sorted_rows[-1]) + 1)
+    return sorted_rows

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never talk to W&B; the logger code still runs (in disabled mode).
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("RETRIEVAL_RUN_DIR", None)
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# A small embedded benchmark so command-line runs take seconds.
+SMALL_BENCHMARK = [
+    "--data.init_args.spec.train_classes=100",
+    "--data.init_args.spec.eval_classes=40",
+    "--data.init_args.batch_size=200",
+    "--data.init_args.eval_batch_size=150",
+]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300):
+    """Run ``python -m lightning_modules.cli`` in a subprocess (as a user would) and return the result."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), **(env or {})}
+    environment.pop("RETRIEVAL_RUN_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture
+def cli_workdir(tmp_path):
+    """A working directory where runs and generated data go."""
+    return tmp_path
