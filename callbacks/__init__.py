@@ -2,6 +2,7 @@
 
 from callbacks.baseline_comparison import BaselineComparison
 from callbacks.retrieval_evaluation import RetrievalEvaluation
+from callbacks.embedding_writer import EmbeddingWriter
 from callbacks.run_config import SaveRunConfig
 
-__all__ = ["BaselineComparison", "RetrievalEvaluation", "SaveRunConfig"]
+__all__ = ["BaselineComparison", "EmbeddingWriter", "RetrievalEvaluation", "SaveRunConfig"]

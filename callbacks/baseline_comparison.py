@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.retrieval_evaluation import _retrieval_datamodule, format_table, score_eval_sets
 from lightning_modules.base import ClosedFormModule, RetrievalModule
@@ -27,7 +26,8 @@ class BaselineComparison(pl.Callback):
     """Compare the trained method with ``baselines`` at the end of fit.
 
     Args:
-        baselines: closed-form methods (e.g. ``RawEmbedding``, ``PCAProjection``), fitted here.
+        baselines: closed-form methods (e.g. ``RawEmbedding``, ``PCAProjection``), fitted here; a baseline
+            whose ``dim`` is unset gets the trained method's embedding size.
         stage: which evaluation sets to score (``"val"`` or ``"test"``).
     """
 
@@ -44,6 +44,8 @@ class BaselineComparison(pl.Callback):
         self.rows = []
         for module in [*self.baselines, pl_module]:
             if module is not pl_module:
+                if "dim" in module.hparams and module.hparams.dim is None:
+                    module.hparams.dim = pl_module.retrieval_dim  # "at the same size"
                 module.to(pl_module.device)
                 fit_closed_form(trainer, module, datamodule.train_dataloader())
             metrics = evaluate_module(trainer, module, datamodule, self.stage)
@@ -54,7 +56,7 @@ class BaselineComparison(pl.Callback):
     def _report(self, trainer) -> None:
         columns = list(self.rows[0].keys())
         table = [[row.get(c) for c in columns] for row in self.rows]
-        rank_zero_info(format_table(columns, table, title=f"comparison on the {self.stage} sets, same evaluation path"))
+        print(format_table(columns, table, title=f"comparison on the {self.stage} sets, same evaluation path"))
         write_text_atomic(Path(trainer.default_root_dir) / "comparison.json", json.dumps(self.rows, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

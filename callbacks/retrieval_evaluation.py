@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import EvalSet, RetrievalDataModule
 from retrieval.diagnostics import cosine_similarity_variance
@@ -95,7 +94,7 @@ class RetrievalEvaluation(pl.Callback):
         metrics = self.last_metrics.get(stage)
         if not metrics or not trainer.is_global_zero:
             return
-        rank_zero_info(format_table(["metric", "value"], [[k, v] for k, v in metrics.items()], title=f"{stage} metrics"))
+        print(format_table(["metric", "value"], [[k, v] for k, v in metrics.items()], title=f"{stage} metrics"))
         path = Path(trainer.default_root_dir) / self.metrics_file
         saved = json.loads(path.read_text()) if path.is_file() else {}
         saved.update(metrics)

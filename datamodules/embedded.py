@@ -112,6 +112,8 @@ class EmbeddedBenchmark(LabelledFeatureStores):
     queries and 4,000 database embeddings of 200 unseen classes; 384 dimensions.
     """
 
+    name = "embedded"
+
     def __init__(
         self,
         root: str = "data/embedded",
@@ -122,6 +124,7 @@ class EmbeddedBenchmark(LabelledFeatureStores):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        predict_split: str = "test_database",
     ):
         paths = {split: str(Path(root) / f"{split}.h5") for split in SPLITS}
         super().__init__(
@@ -133,6 +136,7 @@ class EmbeddedBenchmark(LabelledFeatureStores):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             shuffle_seed=shuffle_seed,
+            predict_split=predict_split,
         )
         self.root = root
         self.spec = spec or EmbeddedBenchmarkSpec()

@@ -15,14 +15,19 @@ from retrieval.ground_truth import LabelGroundTruth
 
 
 class EmbeddingDataset(Dataset):
-    """Rows of a ``[N, D]`` array (memory-mapped or in memory) as ``{"index", "embedding"}`` examples."""
+    """Rows of a ``[N, D]`` array (memory-mapped or in memory) as ``{"index", "embedding"}`` examples.
 
-    def __init__(self, embeddings: np.ndarray):
+    ``ids`` and ``labels`` describe the rows (e.g. for writing predictions); they are not part of examples.
+    """
+
+    def __init__(self, embeddings: np.ndarray, ids: list[str] | None = None, labels: np.ndarray | None = None):
         self.embeddings = embeddings
+        self.ids = ids
+        self.labels = labels
 
     @classmethod
-    def from_store(cls, path: str | Path) -> EmbeddingDataset:
-        return cls(FeatureStore(path).global_descriptors())
+    def from_store(cls, store: FeatureStore) -> EmbeddingDataset:
+        return cls(store.global_descriptors(), store.ids, store.labels)
 
     @property
     def dim(self) -> int:
@@ -32,7 +37,8 @@ class EmbeddingDataset(Dataset):
         return len(self.embeddings)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        return {"index": index, "embedding": torch.from_numpy(np.asarray(self.embeddings[index], dtype=np.float32))}
+        # A copy: rows of a read-only memory map must not be handed out as writable tensors.
+        return {"index": index, "embedding": torch.tensor(self.embeddings[index], dtype=torch.float32)}
 
 
 class LabelledFeatureStores(RetrievalDataModule):
@@ -45,6 +51,7 @@ class LabelledFeatureStores(RetrievalDataModule):
             image is a query, itself excluded), the Stanford Online Products protocol.
         name: benchmark name in metric keys.
         recall_ks, map_ks: cut-offs of Recall@k and mAP@k.
+        predict_split: which store ``predict`` embeds (``train``, ``val_query``, ..., ``test_database``).
     """
 
     def __init__(
@@ -61,8 +68,10 @@ class LabelledFeatureStores(RetrievalDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        predict_split: str = "test_database",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self.predict_split = predict_split
         self.paths = {
             "train": train,
             "val_database": val_database,
@@ -89,10 +98,12 @@ class LabelledFeatureStores(RetrievalDataModule):
         return FeatureStore(path)
 
     def train_dataset(self) -> EmbeddingDataset:
-        return EmbeddingDataset(self._store("train").global_descriptors())
+        return EmbeddingDataset.from_store(self._store("train"))
 
     def predict_dataset(self) -> EmbeddingDataset:
-        return self.train_dataset()
+        if self.predict_split not in self.paths:
+            raise ValueError(f"predict_split must be one of {sorted(self.paths)}, got {self.predict_split!r}")
+        return EmbeddingDataset.from_store(self._store(self.predict_split))
 
     def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
         database = self._store(f"{stage}_database")
@@ -109,8 +120,8 @@ class LabelledFeatureStores(RetrievalDataModule):
         return [
             EvalSet(
                 name=self.name,
-                database=EmbeddingDataset(database.global_descriptors()),
-                queries=EmbeddingDataset(queries.global_descriptors()) if queries is not None else None,
+                database=EmbeddingDataset.from_store(database),
+                queries=EmbeddingDataset.from_store(queries) if queries is not None else None,
                 ground_truth=ground_truth,
             )
         ]

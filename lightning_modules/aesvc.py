@@ -135,6 +135,7 @@ class AESVC(RetrievalModule):
 
     # The epoch's running statistics travel with checkpoints, so a resumed epoch reports the same diagnostics.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["latent_statistics"] = [*self._moments.tensors(), self._cosine_sums]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 
 LRSchedule = Literal["constant", "cosine"]
+# Checkpoint entry naming the module's class, so the CLI can rebuild it from a checkpoint alone.
+MODEL_CLASS_KEY = "model_class_path"
 
 
 class RetrievalModule(pl.LightningModule):
@@ -35,6 +37,9 @@ class RetrievalModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ---- helpers for subclasses ---------------------------------------------------------------------------
     def data_embedding_dim(self) -> int:
@@ -79,13 +84,14 @@ class ClosedFormModule(RetrievalModule):
     """A method fitted in closed form from statistics of one pass over the training set (no optimiser).
 
     :meth:`observe` accumulates statistics of a batch, :meth:`solve` turns the statistics summed over all
-    processes into parameters. ``fit`` runs one epoch of ``observe`` and then ``solve``; the comparison
-    callback calls the same two methods over the same training dataloader.
+    processes into parameters. ``fit`` observes every training batch of an epoch and solves before the
+    epoch's validation; the comparison callback calls the same two methods over the same training dataloader.
     """
 
     def __init__(self):
         super().__init__()
         self.automatic_optimization = False
+        self._unsolved = False
 
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError
@@ -94,17 +100,27 @@ class ClosedFormModule(RetrievalModule):
         """Compute the parameters; ``all_reduce_sum(tensor)`` sums a statistic over processes."""
         raise NotImplementedError
 
+    def reset_statistics(self) -> None:
+        pass
+
     def training_step(self, batch, batch_idx: int) -> None:
         self.observe(batch)
+        self._unsolved = True
 
     def on_train_epoch_start(self) -> None:
         self.reset_statistics()
 
-    def on_train_epoch_end(self) -> None:
-        self.solve(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu())
+    # Lightning validates at the end of an epoch *before* on_train_epoch_end, so solve at whichever comes first.
+    def on_validation_epoch_start(self) -> None:
+        self._solve_observed()
 
-    def reset_statistics(self) -> None:
-        pass
+    def on_train_epoch_end(self) -> None:
+        self._solve_observed()
+
+    def _solve_observed(self) -> None:
+        if self._unsolved:
+            self.solve(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu())
+            self._unsolved = False
 
     def configure_optimizers(self):
         return None

@@ -1,34 +1,36 @@
 """Command line: ``python -m lightning_modules.cli {fit,validate,test,predict} --config <yaml> [--key=value ...]``.
 
-LightningCLI in subclass mode (``class_path`` / ``init_args``) with OmegaConf interpolation resolved after all
-configs and overrides are merged (``${model.init_args.latent_dim}`` follows ``--model.init_args.latent_dim``).
-On top of Lightning's CLI:
+LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf interpolation inside a config file
+(``${model.init_args.latent_dim}``). On top of Lightning's CLI:
 
 * every run gets its own run directory with its resolved config, checkpoints, metrics and W&B files, and
   ``--ckpt_path last`` resumes the newest interrupted run (:mod:`lightning_modules.run_directory`);
-* the shared evaluation callback (``--evaluation.*``) and a checkpoint callback (``--checkpoint.*``, saving
-  ``last.ckpt``) are always present;
+* the shared evaluation callback (``--evaluation.*``), a checkpoint callback (``--checkpoint.*``, saving
+  ``last.ckpt``) and the ``predict`` embedding writer (``--predictions.*``) are always present;
 * the datamodules place data on processes themselves, so Lightning's sampler injection is off.
 """
 
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.embedding_writer import EmbeddingWriter
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.run_config import SaveRunConfig
 from datamodules.base import RetrievalDataModule
-from lightning_modules.base import RetrievalModule
+from lightning_modules.base import MODEL_CLASS_KEY, RetrievalModule
 from lightning_modules.run_directory import choose_run_directory, export_run_directory, prepare_run
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-PARSER_MODE = "omegaconf+"
+# OmegaConf interpolation within a config file. (Interpolating across files and command-line overrides,
+# jsonargparse's "omegaconf+", resolves each subcommand's config file before the overrides are applied.)
+PARSER_MODE = "omegaconf"
 TRAINER_DEFAULTS = {
-    "default_root_dir": "runs",
     # Datamodules shard data themselves (same global batches for any number of processes).
     "use_distributed_sampler": False,
     # Retrieval metrics need the whole evaluation set; a partial sanity pass has nothing to score.
@@ -46,7 +48,7 @@ class RetrievalCLI(LightningCLI):
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            parser_kwargs={"parser_mode": "omegaconf", **{s: {"parser_mode": PARSER_MODE} for s in SUBCOMMANDS}},
+            parser_kwargs={"parser_mode": PARSER_MODE, **{s: {"parser_mode": PARSER_MODE} for s in SUBCOMMANDS}},
             auto_configure_optimizers=False,
             # Its instantiator hands the `model` hparams to every RetrievalModule in the config (baselines too).
             load_from_checkpoint_support=False,
@@ -56,6 +58,7 @@ class RetrievalCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RetrievalEvaluation, "evaluation")
+        parser.add_lightning_class_args(EmbeddingWriter, "predictions")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -65,15 +68,37 @@ class RetrievalCLI(LightningCLI):
             }
         )
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # The evaluation callback prints the metrics; Lightning's per-dataloader table would repeat them.
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(verbose=False)
+        if subcommand == "predict":  # the embedding writer saves them; do not also keep them in memory
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """Choose the run directory (resolving ``--ckpt_path last``), then take the model's hyperparameters
+        from the checkpoint, as LightningCLI does for checkpoints written by its own instantiator."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        root = config.trainer.default_root_dir or default_run_root(config)
+        self.run_directory, config.ckpt_path = choose_run_directory(root, subcommand, config.get("ckpt_path"))
+        if not config.ckpt_path or not Path(config.ckpt_path).is_file():
+            return
+        checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=True)
+        class_path, hparams = checkpoint.get(MODEL_CLASS_KEY), checkpoint.get("hyper_parameters")
+        if class_path and hparams:
+            model = {"class_path": class_path, "init_args": dict(hparams)}
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
-        config = self.config[self.subcommand]
-        root = config.trainer.default_root_dir or TRAINER_DEFAULTS["default_root_dir"]
-        self.run_directory, ckpt_path = choose_run_directory(root, self.subcommand, config.get("ckpt_path"))
-        config.ckpt_path = ckpt_path
         export_run_directory(self.run_directory)
-        self.run_info = prepare_run(self.run_directory, config.seed_everything)
+        self.run_info = prepare_run(self.run_directory, self.config[self.subcommand].seed_everything)
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand is None:
@@ -85,9 +110,18 @@ class RetrievalCLI(LightningCLI):
         return trainer
 
 
+def default_run_root(config) -> Path:
+    """``runs/<method>/<dataset>`` when ``trainer.default_root_dir`` is not set, e.g. ``runs/aesvc/embedded``."""
+    method = config.model.class_path.rsplit(".", 1)[-1].lower()
+    data_args = config.data.get("init_args") or {}
+    module, _, class_name = config.data.class_path.rpartition(".")
+    dataset = data_args.get("name") or getattr(getattr(importlib.import_module(module), class_name), "name", "dataset")
+    return Path("runs") / method / dataset
+
+
 def main(args=None) -> None:
     RetrievalCLI(args=args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -13,6 +13,7 @@ import netrc
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -30,7 +31,8 @@ class WandbLogger(LightningWandbLogger):
 
     Args:
         project: W&B project.
-        name: run name shown in W&B.
+        name: run name shown in W&B; defaults to the run directory's last three parts, e.g.
+            ``aesvc/embedded/version_0``.
         mode: ``"online"``, ``"offline"``, ``"disabled"``, or ``None`` to choose as described above.
         save_dir: where W&B writes its files; defaults to the run directory.
         id: W&B run id; defaults to the run directory's.
@@ -54,6 +56,9 @@ class WandbLogger(LightningWandbLogger):
                 f"W&B: no credentials or no connection; logging offline. Upload later with: "
                 f"wandb sync {os.path.join(save_dir, 'wandb')}/offline-run-*"
             )
+        if name is None and run is not None:
+            name = "/".join(Path(run.directory).parts[-3:])  # e.g. aesvc/embedded/version_0
+        kwargs["resume"] = kwargs.get("resume") or "allow"  # continue the run when its id exists
         super().__init__(
             project=project, name=name, save_dir=save_dir, id=id or (run.wandb_id if run else None), mode=mode, **kwargs
         )

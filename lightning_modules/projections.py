@@ -42,7 +42,8 @@ class PCAProjection(ClosedFormModule):
     """Projection on the top ``dim`` principal components of the training embeddings.
 
     Args:
-        dim: number of components kept (the retrieval embedding size).
+        dim: number of components kept (the retrieval embedding size); ``None`` only inside a
+            ``BaselineComparison``, which sets it to the compared method's size.
         whiten: divide each component by its standard deviation (PCA-whitening).
         eps: added to the eigenvalues before whitening, for numerically zero-variance directions.
 
@@ -50,12 +51,13 @@ class PCAProjection(ClosedFormModule):
     and decomposed once; the fitted mean and projection are buffers, saved in checkpoints.
     """
 
-    def __init__(self, dim: int = 256, whiten: bool = False, eps: float = 1e-8):
+    def __init__(self, dim: int | None = None, whiten: bool = False, eps: float = 1e-8):
         super().__init__()
         self.save_hyperparameters()
+        # Sized when fitted (or when a checkpoint is loaded).
         self.register_buffer("mean", torch.zeros(0))
-        self.register_buffer("projection", torch.zeros(0, dim))
-        self.register_buffer("eigenvalues", torch.zeros(dim))
+        self.register_buffer("projection", torch.zeros(0, 0))
+        self.register_buffer("eigenvalues", torch.zeros(0))
         self._moments: RunningMoments | None = None
 
     @property
@@ -81,6 +83,8 @@ class PCAProjection(ClosedFormModule):
         if all_reduce_sum is not None:
             self._moments.load_tensors([all_reduce_sum(t) for t in self._moments.tensors()])
         input_dim, dim = self._moments.dim, self.hparams.dim
+        if dim is None:
+            raise ValueError("PCAProjection: set dim, the number of components to keep")
         if dim > input_dim:
             raise ValueError(f"PCAProjection: dim={dim} exceeds the input embedding size {input_dim}")
         eigenvalues, eigenvectors = torch.linalg.eigh(self._moments.covariance)
@@ -102,7 +106,8 @@ class PCAProjection(ClosedFormModule):
         return F.normalize(self.project(batch["embedding"]), dim=-1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # The buffers' shapes depend on the fitted input size: size them before the state dict is loaded.
         state = checkpoint["state_dict"]
-        self.mean = torch.zeros_like(state["mean"])
-        self.projection = torch.zeros_like(state["projection"])
+        for name in ("mean", "projection", "eigenvalues"):
+            setattr(self, name, torch.zeros_like(state[name]))

@@ -127,7 +127,8 @@ def prepare_run(directory: Path, seed: int | None) -> RunInfo:
     info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=new_wandb_id(), commands=[])
     if _is_global_zero():
         info.seed = seed
-        info.commands = [*(info.commands or []), f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(sys.argv)}"]
+        command = " ".join(["python -m lightning_modules.cli", *sys.argv[1:]])
+        info.commands = [*(info.commands or []), f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {command}"]
         info.save()
     return info
 

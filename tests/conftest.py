@@ -22,9 +22,16 @@ SMALL_BENCHMARK = [
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300):
-    """Run ``python -m lightning_modules.cli`` in a subprocess (as a user would) and return the result."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), **(env or {})}
-    environment.pop("RETRIEVAL_RUN_DIR", None)
+    """Run ``python -m lightning_modules.cli`` in a subprocess (as a user would) and return the result.
+
+    ``env`` entries are added to the environment; a ``None`` value removes the variable.
+    """
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    for name, value in {"RETRIEVAL_RUN_DIR": None, **(env or {})}.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     result = subprocess.run(
         [sys.executable, "-m", "lightning_modules.cli", *args],
         cwd=cwd,
