@@ -1,0 +1,115 @@
+"""Datamodules: the embedded benchmark, labelled feature stores, evaluation sets and their errors."""
+
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from callbacks.retrieval_evaluation import gather_by_index
+from datamodules import EmbeddedBenchmark, EmbeddedBenchmarkSpec, LabelledFeatureStores
+from datamodules.base import EvalSet
+from datamodules.feature_store import EmbeddingDataset
+from retrieval import LabelGroundTruth, write_feature_store
+from retrieval.feature_store import FeatureStore
+
+SMALL = replace(EmbeddedBenchmarkSpec(), train_classes=20, eval_classes=10, database_per_class=6)
+
+
+def test_embedded_benchmark_is_generated_once_and_deterministic(tmp_path):
+    first = EmbeddedBenchmark(root=str(tmp_path / "a"), spec=SMALL)
+    first.prepare_data()
+    stamp = (tmp_path / "a/train.h5").stat().st_mtime_ns
+    first.prepare_data()
+    assert (tmp_path / "a/train.h5").stat().st_mtime_ns == stamp, "an unchanged spec must not regenerate"
+    second = EmbeddedBenchmark(root=str(tmp_path / "b"), spec=SMALL)
+    second.prepare_data()
+    for split in ("train", "val_query", "test_database"):
+        a, b = FeatureStore(tmp_path / "a" / f"{split}.h5"), FeatureStore(tmp_path / "b" / f"{split}.h5")
+        assert a.global_descriptors().tobytes() == b.global_descriptors().tobytes()
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert first.embedding_dim == 384
+    # Disjoint classes between training, validation and test, as in SOP.
+    labels = {s: set(FeatureStore(tmp_path / "a" / f"{s}.h5").labels.tolist()) for s in ("train", "val_query", "test_query")}
+    assert not (labels["train"] & labels["val_query"]) and not (labels["val_query"] & labels["test_query"])
+
+
+def test_a_changed_spec_regenerates(tmp_path):
+    EmbeddedBenchmark(root=str(tmp_path), spec=SMALL).prepare_data()
+    before = FeatureStore(tmp_path / "train.h5").global_descriptors().copy()
+    EmbeddedBenchmark(root=str(tmp_path), spec=replace(SMALL, seed=1)).prepare_data()
+    assert not np.array_equal(before, FeatureStore(tmp_path / "train.h5").global_descriptors())
+
+
+def test_eval_sets_expose_queries_database_and_ground_truth(tmp_path):
+    data = EmbeddedBenchmark(root=str(tmp_path), spec=SMALL)
+    data.prepare_data()
+    (eval_set,) = data.eval_sets("val")
+    assert eval_set.name == "embedded" and len(eval_set.queries) == 50 and len(eval_set.database) == 60
+    assert [role for _, role in data.eval_loader_roles("val")] == ["query", "database"]
+    example = eval_set.database[3]
+    assert example["index"] == 3 and example["embedding"].dtype == torch.float32
+    assert len(eval_set.ground_truth.positives[0]) == 6
+
+
+def make_store(path, labels=True, rows=12, dim=4, nan_row=None):
+    values = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    write_feature_store(path, [f"img{i}" for i in range(rows)], values, labels=np.arange(rows) % 3 if labels else None)
+    if nan_row is not None:
+        with h5py.File(path, "r+") as f:
+            f["global"][nan_row, 1] = np.nan
+    return path
+
+
+def test_leave_one_out_when_no_query_store_is_given(tmp_path):
+    data = LabelledFeatureStores(val_database=str(make_store(tmp_path / "db.h5")), name="sop", recall_ks=(1, 100))
+    (eval_set,) = data.eval_sets("val")
+    assert eval_set.queries is None and eval_set.ground_truth.queries_are_database
+    assert [role for _, role in data.eval_loader_roles("val")] == ["database"]
+    assert eval_set.ground_truth.depth == 11  # recall@100 on 11 candidates is scored on the full list
+
+
+def test_missing_store_names_the_path_and_the_layout(tmp_path):
+    data = LabelledFeatureStores(train=str(tmp_path / "missing_train.h5"))
+    with pytest.raises(FileNotFoundError, match=r"missing_train.h5 not found; expected an HDF5 feature store with"):
+        data.train_dataset()
+    with pytest.raises(ValueError, match=r"no 'val_database' feature store configured \(data.init_args.val_database\)"):
+        data.eval_sets("val")
+
+
+def test_store_without_labels_cannot_be_ground_truth(tmp_path):
+    data = LabelledFeatureStores(val_database=str(make_store(tmp_path / "db.h5", labels=False)))
+    with pytest.raises(ValueError, match=r"db.h5 has no 'labels' dataset, needed as ground truth"):
+        data.eval_sets("val")
+
+
+def test_store_with_nan_is_refused_with_a_count(tmp_path):
+    data = LabelledFeatureStores(train=str(make_store(tmp_path / "train.h5", nan_row=5)))
+    with pytest.raises(ValueError, match=r"train.h5 \(global, from row 0\): 1 of 12 rows contain NaN or Inf values \(rows 5\)"):
+        data.train_dataset()
+
+
+def test_stores_of_different_sizes_are_refused(tmp_path):
+    data = LabelledFeatureStores(train=str(make_store(tmp_path / "a.h5", dim=4)), val_database=str(make_store(tmp_path / "b.h5", dim=5)))
+    with pytest.raises(ValueError, match="feature stores disagree on the descriptor size"):
+        data.embedding_dim
+
+
+def test_eval_set_checks_sizes_against_its_ground_truth():
+    database = EmbeddingDataset(np.zeros((5, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="4 query examples but the ground truth expects 3"):
+        EvalSet("x", database, LabelGroundTruth([0, 1, 2], [0, 1, 2, 0, 1]), EmbeddingDataset(np.zeros((4, 2))))
+    with pytest.raises(ValueError, match="no queries given, but the protocol is not leave-one-out"):
+        EvalSet("x", database, LabelGroundTruth([0, 1, 2], [0, 1, 2, 0, 1]))
+
+
+class OneProcess:
+    world_size, is_global_zero = 1, True
+
+
+def test_gathering_drops_repeats_sorts_and_refuses_gaps():
+    outputs = [(torch.tensor([2, 0]), torch.tensor([[2.0], [0.0]])), (torch.tensor([1, 0]), torch.tensor([[1.0], [0.0]]))]
+    np.testing.assert_array_equal(gather_by_index(OneProcess(), outputs, 3, "db"), [[0.0], [1.0], [2.0]])
+    with pytest.raises(RuntimeError, match="received 3 distinct db embeddings, expected 4"):
+        gather_by_index(OneProcess(), outputs, 4, "db")
