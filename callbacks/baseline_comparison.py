@@ -1,6 +1,6 @@
 """Side-by-side comparison of a trained method with closed-form baselines, through the same evaluation path.
 
-At the end of ``fit`` every baseline is fitted on the same training dataloader the method trained on
+At the end of training every baseline is fitted on the same training dataloader the method trained on
 (:class:`~lightning_modules.base.ClosedFormModule`: one pass of statistics, then a closed-form solve,
 exactly what ``fit`` does for that baseline on its own), and the baselines and the trained method are
 embedded and scored on the same evaluation sets by :func:`~callbacks.retrieval_evaluation.score_eval_sets`.
@@ -23,7 +23,7 @@ from retrieval.files import write_text_atomic
 
 
 class BaselineComparison(pl.Callback):
-    """Compare the trained method with ``baselines`` at the end of fit.
+    """Compare the trained method with ``baselines`` at the end of training.
 
     Args:
         baselines: closed-form methods (e.g. ``RawEmbedding``, ``PCAProjection``), fitted here; a baseline
@@ -39,7 +39,8 @@ class BaselineComparison(pl.Callback):
         self.stage = stage
         self.rows: list[dict] = []
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    # At train end the model is still on its device (Lightning moves it to the CPU before on_fit_end).
+    def on_train_end(self, trainer, pl_module) -> None:
         datamodule = _retrieval_datamodule(trainer)
         self.rows = []
         for module in [*self.baselines, pl_module]:

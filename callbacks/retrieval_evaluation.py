@@ -1,7 +1,7 @@
 """The evaluation callback: one path from embeddings to logged metrics for every method and benchmark.
 
 During validation and test it collects each process's ``{"index", "embeddings"}`` step outputs, gathers
-them across processes by global index (dropping the padding repeats and sorting), has rank 0 search and
+them on rank 0 by global index (dropping the padding repeats and sorting), has rank 0 search and
 score every evaluation set with its ground truth, shares the numbers with all processes and logs them as
 ``<stage>/<eval set>/<metric>``. Because the gathered embeddings are the same whatever the number of
 processes, 1 and N processes log the same metrics.
@@ -19,13 +19,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from datamodules.base import EvalSet, RetrievalDataModule
 from retrieval.diagnostics import cosine_similarity_variance
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.files import write_text_atomic
 
-# Rows per all_gather call, so gathering a large database never holds it twice on an accelerator.
+# Rows per gather call, so gathering a large database never holds it whole on an accelerator.
 GATHER_CHUNK_ROWS = 32768
 
 
@@ -141,7 +142,7 @@ def gather_by_index(trainer, outputs: list[tuple[torch.Tensor, torch.Tensor]], e
     indices = torch.cat([i for i, _ in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
     embeddings = torch.cat([e for _, e in outputs]).float() if outputs else torch.zeros(0, 0)
     if trainer.world_size > 1:
-        indices, embeddings = _all_gather_rows(trainer, indices, embeddings)
+        indices, embeddings = _gather_rows_to_rank_zero(trainer, indices, embeddings)
     if not trainer.is_global_zero:
         return np.zeros((0, embeddings.shape[1] if embeddings.ndim == 2 else 0), dtype=np.float32)
     indices = indices.numpy()
@@ -154,29 +155,35 @@ def gather_by_index(trainer, outputs: list[tuple[torch.Tensor, torch.Tensor]], e
     return embeddings.numpy()[first]
 
 
-def _all_gather_rows(trainer, indices: torch.Tensor, embeddings: torch.Tensor):
+def _gather_rows_to_rank_zero(trainer, indices: torch.Tensor, embeddings: torch.Tensor):
+    """Every process's rows on rank 0 (other ranks get nothing), in chunks of ``GATHER_CHUNK_ROWS``."""
     device = trainer.strategy.root_device
     counts = trainer.strategy.all_gather(torch.tensor([len(indices)], device=device)).reshape(-1).cpu()
     dims = trainer.strategy.all_gather(torch.tensor([embeddings.shape[1] if len(indices) else -1], device=device))
     dim = int(dims.max())
     if len(indices) == 0:
         embeddings = torch.zeros(0, dim)
-    longest = int(counts.max())
-    all_indices, all_embeddings = [], []
-    for start in range(0, longest, GATHER_CHUNK_ROWS):
-        stop = min(start + GATHER_CHUNK_ROWS, longest)
-        rows = stop - start
+    is_zero = trainer.is_global_zero
+    gathered_indices, gathered_embeddings = [], []
+    for start in range(0, int(counts.max()), GATHER_CHUNK_ROWS):
+        rows = min(GATHER_CHUNK_ROWS, int(counts.max()) - start)
         chunk_indices = torch.full((rows,), -1, dtype=torch.long)
         chunk_embeddings = torch.zeros(rows, dim)
-        local = indices[start:stop]
+        local = indices[start : start + rows]
         chunk_indices[: len(local)] = local
-        chunk_embeddings[: len(local)] = embeddings[start:stop]
-        gathered_indices = trainer.strategy.all_gather(chunk_indices.to(device)).cpu().reshape(-1)
-        gathered_embeddings = trainer.strategy.all_gather(chunk_embeddings.to(device)).cpu().reshape(-1, dim)
-        valid = gathered_indices >= 0
-        all_indices.append(gathered_indices[valid])
-        all_embeddings.append(gathered_embeddings[valid])
-    return torch.cat(all_indices), torch.cat(all_embeddings)
+        chunk_embeddings[: len(local)] = embeddings[start : start + rows]
+        for chunk, out in ((chunk_indices, gathered_indices), (chunk_embeddings, gathered_embeddings)):
+            chunk = chunk.to(device)
+            targets = [torch.empty_like(chunk) for _ in range(trainer.world_size)] if is_zero else None
+            dist.gather(chunk, targets, dst=0)
+            if is_zero:
+                out.extend(t.cpu() for t in targets)
+    if not is_zero:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dim)
+    all_indices = torch.cat(gathered_indices) if gathered_indices else torch.zeros(0, dtype=torch.long)
+    all_embeddings = torch.cat(gathered_embeddings) if gathered_embeddings else torch.zeros(0, dim)
+    valid = all_indices >= 0
+    return all_indices[valid], all_embeddings[valid]
 
 
 def _retrieval_datamodule(trainer) -> RetrievalDataModule:

@@ -11,22 +11,27 @@ from retrieval.files import write_text_atomic
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """LightningCLI's config saver, writing ``config.yaml`` into the run directory and uploading it to W&B.
+    """LightningCLI's config saver, writing into the run directory and uploading to W&B.
 
-    Every run has its own directory (see :mod:`lightning_modules.run_directory`), so runs never collide
-    (Lightning's saver writes into the logger's ``save_dir``, shared by all runs, and refuses the second
-    run); a resumed run rewrites its own ``config.yaml``. The config includes the seed actually used.
+    ``fit`` writes ``config.yaml`` (a resumed ``fit`` rewrites it) and stores it as the W&B run's config;
+    ``validate`` / ``test`` / ``predict`` on a run's checkpoint write ``config.<subcommand>.yaml`` beside it, so
+    the record of how the run was trained is never replaced. Every run has its own directory (see
+    :mod:`lightning_modules.run_directory`): Lightning's saver writes into the logger's ``save_dir``, shared by
+    all runs, and refuses the second one. The config includes the seed actually used.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / self.config_filename
+            stage = getattr(stage, "value", stage)  # a TrainerFn enum or its string
+            name = self.config_filename if stage == "fit" else f"config.{stage}.yaml"
+            path = Path(trainer.default_root_dir) / name
             write_text_atomic(path, self.parser.dump(self.config, skip_none=False))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+                    if stage == "fit":
+                        logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
                     logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

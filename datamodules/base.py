@@ -61,7 +61,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         shuffle_seed: seed of the training order; ``None`` uses the run's seed (``seed_everything``).
     """
 
-    #: Name of the benchmark in metric keys (``<stage>/<name>/<metric>``) when there is one eval set.
+    #: Name of the benchmark: the default run directory is ``runs/<method>/<name>``; subclasses with a single
+    #: evaluation set also use it as that set's name in metric keys (``<stage>/<name>/<metric>``).
     name: str = "dataset"
 
     def __init__(
@@ -91,7 +92,11 @@ class RetrievalDataModule(pl.LightningDataModule):
     # ---- provided -----------------------------------------------------------------------------------------
     def eval_sets(self, stage: EvalStage) -> list[EvalSet]:
         if stage not in self._eval_sets:
-            self._eval_sets[stage] = self.build_eval_sets(stage)
+            eval_sets = self.build_eval_sets(stage)
+            names = [e.name for e in eval_sets]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{type(self).__name__}: evaluation sets need distinct names (metric keys), got {names}")
+            self._eval_sets[stage] = eval_sets
         return self._eval_sets[stage]
 
     def eval_loader_roles(self, stage: EvalStage) -> list[tuple[EvalSet, Role]]:
@@ -116,13 +121,13 @@ class RetrievalDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.sharded_dataloader(self.predict_dataset())
 
-    def sharded_dataloader(self, dataset: Dataset, pad: bool = True) -> DataLoader:
-        """Sequential loader over this process's shard of ``dataset`` (see :class:`ShardSampler`)."""
+    def sharded_dataloader(self, dataset: Dataset) -> DataLoader:
+        """Sequential loader over this process's (padded) shard of ``dataset`` (see :class:`ShardSampler`)."""
         rank, world_size = self._distribution()
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
-            sampler=ShardSampler(len(dataset), rank, world_size, pad=pad),
+            sampler=ShardSampler(len(dataset), rank, world_size),
             num_workers=self.num_workers,
         )
 

@@ -106,10 +106,13 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.sampler.epoch, "batches_done": self._batches_done}
+        sampler = self.batch_sampler.sampler
+        return {"epoch": sampler.epoch, "batches_done": self._batches_done, "seed": sampler.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, done = state["epoch"], state["batches_done"]
+        # The permutation of the interrupted run, even if this run was given another seed.
+        self.batch_sampler.sampler.seed = state.get("seed", self.batch_sampler.sampler.seed)
         if done >= len(self.batch_sampler):  # saved at the end of an epoch: the next one starts fresh
             epoch, done = epoch + 1, 0
         self.batch_sampler.sampler.set_epoch(epoch)

@@ -130,8 +130,9 @@ class AESVC(RetrievalModule):
     def _observe_latents(self, z: torch.Tensor) -> None:
         # z is the global batch, identical on every process: no reduction needed at the end.
         self._moments.update(z)
-        cosines = cosine_similarities_of_pairs(z).cpu()
-        self._cosine_sums += torch.stack([torch.tensor(float(len(cosines)), dtype=torch.float64), cosines.sum(), (cosines**2).sum()])
+        cosines = cosine_similarities_of_pairs(z)
+        sums = torch.stack([torch.ones_like(cosines).sum(), cosines.sum(), (cosines**2).sum()])
+        self._cosine_sums = self._cosine_sums.to(sums.device) + sums
 
     # The epoch's running statistics travel with checkpoints, so a resumed epoch reports the same diagnostics.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -144,7 +145,7 @@ class AESVC(RetrievalModule):
             self._moments.load_tensors(moments)
 
     def on_train_epoch_end(self) -> None:
-        count, total, squares = self._cosine_sums.tolist()
+        count, total, squares = self._cosine_sums.tolist()  # once per epoch
         if count < 2:
             return
         diagnostics = constraint_errors(self._moments)

@@ -92,6 +92,9 @@ class ClosedFormModule(RetrievalModule):
         super().__init__()
         self.automatic_optimization = False
         self._unsolved = False
+        # DistributedDataParallel refuses to wrap a module without a trainable parameter, so multi-GPU ``fit``
+        # needs one. It is never used: no backward pass runs, so DDP has nothing to synchronise.
+        self.ddp_placeholder = torch.nn.Parameter(torch.zeros(()))
 
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError

@@ -98,7 +98,7 @@ class RetrievalCLI(LightningCLI):
         if self.subcommand is None:
             return
         export_run_directory(self.run_directory)
-        self.run_info = prepare_run(self.run_directory, self.config[self.subcommand].seed_everything)
+        prepare_run(self.run_directory, self.config[self.subcommand].seed_everything)
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand is None:

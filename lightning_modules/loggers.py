@@ -3,8 +3,8 @@
 * ``save_dir`` and the run ``id`` default to the CLI's run directory and the id recorded in its ``run.json``,
   so a resumed run (``fit --ckpt_path last``) or a ``test`` of its checkpoint continues the same W&B run.
 * ``mode=None`` chooses: ``WANDB_MODE`` when set (``disabled`` in tests, ``offline``, ``online``); otherwise
-  online when W&B credentials exist and the W&B host answers within a few seconds, else offline, with a note
-  on how to upload later (``wandb sync <run dir>/wandb``).
+  online when W&B credentials exist and the W&B host answers within a few seconds (or an HTTPS proxy is
+  configured), else offline, with a note on how to upload later (``wandb sync <run dir>/wandb``).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class WandbLogger(LightningWandbLogger):
     ):
         run = current_run()
         save_dir = save_dir or (run.directory if run else ".")
+        chosen = mode is None
         mode = mode or choose_wandb_mode()
-        if mode == "offline" and run is not None and "WANDB_MODE" not in os.environ:
+        if chosen and mode == "offline" and run is not None and "WANDB_MODE" not in os.environ:
             rank_zero_info(
                 f"W&B: no credentials or no connection; logging offline. Upload later with: "
                 f"wandb sync {os.path.join(save_dir, 'wandb')}/offline-run-*"
@@ -79,6 +80,8 @@ def choose_wandb_mode() -> WandbMode:
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     if not (os.environ.get("WANDB_API_KEY") or _netrc_has(host)):
         return "offline"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return "online"  # the host is reached through the proxy; a direct probe would wrongly fail
     return "online" if _reachable(host, 443) else "offline"
 
 

@@ -80,12 +80,26 @@ def choose_run_directory(root: str | os.PathLike, subcommand: str, ckpt_path: st
         owner = run_directory_of(Path(ckpt_path))
         if owner is not None:
             return owner, ckpt_path
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or (
-        os.environ.get("SLURM_JOB_ID") if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else None
-    )
+    job = launcher_job_id()
     if job:  # all processes start together: a shared name instead of a race for the next version
         return root / f"job_{job}", ckpt_path
     return next_version(root), ckpt_path
+
+
+def launcher_job_id() -> str | None:
+    """The id shared by the processes of one torchrun / SLURM launch, if the launcher gives a unique one."""
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID")
+    if torchrun and torchrun != "none":  # "none": torchrun without --rdzv-id / --standalone, not unique
+        return torchrun
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID")
+        return os.environ["SLURM_JOB_ID"] + (f".{step}" if step else "")
+    if torchrun == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "torchrun without --rdzv-id (or --standalone) gives its processes no shared run id: "
+            f"set {RUN_DIR_ENV} to the run directory, or pass --rdzv-id"
+        )
+    return None
 
 
 def export_run_directory(directory: Path) -> None:
@@ -125,6 +139,7 @@ def prepare_run(directory: Path, seed: int | None) -> RunInfo:
     """Create the directory and record this invocation in ``run.json`` (rank 0 only writes)."""
     directory.mkdir(parents=True, exist_ok=True)
     info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=new_wandb_id(), commands=[])
+    info.directory = str(directory)  # where the run is now, should it have been moved
     if _is_global_zero():
         info.seed = seed
         command = " ".join(["python -m lightning_modules.cli", *sys.argv[1:]])
@@ -136,7 +151,12 @@ def prepare_run(directory: Path, seed: int | None) -> RunInfo:
 def current_run() -> RunInfo | None:
     """The run this process belongs to, when it was started by the project's CLI."""
     directory = os.environ.get(RUN_DIR_ENV)
-    return RunInfo.load(Path(directory)) if directory else None
+    if not directory:
+        return None
+    info = RunInfo.load(Path(directory))
+    if info is not None:
+        info.directory = directory
+    return info
 
 
 def new_wandb_id() -> str:
@@ -145,4 +165,5 @@ def new_wandb_id() -> str:
 
 
 def _is_global_zero() -> bool:
-    return all(int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(name, "0")) == 0 for name in names)

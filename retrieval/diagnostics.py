@@ -25,7 +25,10 @@ class RunningMoments:
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(device="cpu", dtype=torch.float64)
+        # Accumulated on the rows' device, so a GPU run does not synchronise with the host every step.
+        rows = rows.detach().to(torch.float64)
+        if self.sum.device != rows.device:
+            self.count, self.sum, self.outer = (t.to(rows.device) for t in self.tensors())
         self.count += rows.shape[0]
         self.sum += rows.sum(dim=0)
         self.outer += rows.T @ rows
@@ -35,7 +38,7 @@ class RunningMoments:
         return [self.count, self.sum, self.outer]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
-        self.count, self.sum, self.outer = (t.detach().to("cpu", torch.float64) for t in tensors)
+        self.count, self.sum, self.outer = (t.detach().to(torch.float64) for t in tensors)
 
     @property
     def mean(self) -> torch.Tensor:

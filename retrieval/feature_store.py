@@ -62,6 +62,11 @@ class FeatureStore:
     def _read_header(self, f: h5py.File) -> None:
         if f.attrs.get("format") != FORMAT:
             raise FeatureStoreError(f"{self.path} has no format='{FORMAT}' attribute; expected {EXPECTED_LAYOUT}")
+        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+            raise FeatureStoreError(
+                f"{self.path} has format_version {f.attrs['format_version']}, newer than this code reads "
+                f"({FORMAT_VERSION}); update the package"
+            )
         if "ids" not in f or not ({"global", "local"} & set(f.keys())):
             raise FeatureStoreError(
                 f"{self.path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}"
@@ -80,7 +85,7 @@ class FeatureStore:
                 f"{self.path}: local descriptors have {self.local_shape[1]} columns; expected 5 + D "
                 f"({', '.join(LOCAL_COLUMNS)}, descriptor...)"
             )
-        self.ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
+        self.ids = _read_ids(f)
         self.labels = f["labels"][()] if "labels" in f else None
 
     @property
@@ -117,10 +122,12 @@ class FeatureStore:
         with h5py.File(self.path, "r") as f:
             if isinstance(rows, slice):
                 return f["local"][rows]
-            rows = np.asarray(rows)
-            order = np.argsort(rows)
-            values = f["local"][rows[order]]
-            return values[np.argsort(order)]
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if len(rows) == 0:
+                return np.empty((0, *self.local_shape), dtype=f["local"].dtype)
+            # HDF5 reads increasing, distinct rows: read those once, then expand to the order asked for.
+            unique, inverse = np.unique(rows, return_inverse=True)
+            return f["local"][unique][inverse]
 
 
 class FeatureStoreWriter:
@@ -153,11 +160,22 @@ class FeatureStoreWriter:
         config_json = json.dumps(config or {}, sort_keys=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial_path.exists():
-            self._file = h5py.File(self.partial_path, "r+")
-            self._check_resumable(ids, config_json)
+            try:
+                self._file = h5py.File(self.partial_path, "r+")
+            except OSError as error:
+                raise FeatureStoreError(
+                    f"cannot resume {self.partial_path}: it is unreadable ({error}), e.g. the writing process was "
+                    "killed while HDF5 was updating it; delete it to start over"
+                ) from error
+            self._check_resumable(ids, labels, config_json, global_dtype, local_dtype)
         else:
             self._file = h5py.File(self.partial_path, "w")
-            self._create(ids, labels, config_json, global_dtype, local_dtype)
+            try:
+                self._create(ids, labels, config_json, global_dtype, local_dtype)
+            except BaseException:
+                self._file.close()
+                self.partial_path.unlink()
+                raise
 
     def _create(self, ids, labels, config_json, global_dtype, local_dtype) -> None:
         f = self._file
@@ -179,18 +197,25 @@ class FeatureStoreWriter:
             )
         f.create_dataset("written", shape=(self.num_images,), dtype=bool, fillvalue=False)
 
-    def _check_resumable(self, ids, config_json) -> None:
+    def _check_resumable(self, ids, labels, config_json, global_dtype, local_dtype) -> None:
         f = self._file
-        stored_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
         problems = []
-        if stored_ids != [str(i) for i in ids]:
+        if _read_ids(f) != [str(i) for i in ids]:
             problems.append("image ids differ")
         if f.attrs.get("config") != config_json:
             problems.append("extraction config differs")
-        if self.global_dim is not None and ("global" not in f or f["global"].shape[1] != self.global_dim):
-            problems.append("global descriptor size differs")
-        if self.local_shape is not None and ("local" not in f or tuple(f["local"].shape[1:]) != self.local_shape):
-            problems.append("local descriptor shape differs")
+        stored_labels = f["labels"][()] if "labels" in f else None
+        if (labels is None) != (stored_labels is None) or (
+            labels is not None and not np.array_equal(np.asarray(labels, dtype=np.int64), stored_labels)
+        ):
+            problems.append("labels differ")
+        for name, expected, dtype in (("global", self.global_dim, global_dtype), ("local", self.local_shape, local_dtype)):
+            if (expected is None) != (name not in f):
+                problems.append(f"{name} descriptors were {'not ' if expected is not None else ''}declared before")
+            elif expected is not None:
+                shape = f[name].shape[1] if name == "global" else tuple(f[name].shape[1:])
+                if shape != expected or f[name].dtype != np.dtype(dtype):
+                    problems.append(f"{name} descriptor shape or dtype differs")
         if problems:
             self._file.close()
             raise FeatureStoreError(
@@ -218,10 +243,16 @@ class FeatureStoreWriter:
                 continue
             if values is None:
                 raise ValueError(f"{name} descriptors are missing for rows {rows[:5].tolist()}...")
-            values = _to_numpy(values)[order]
+            values = _to_numpy(values)
+            if len(values) != len(rows):
+                raise ValueError(f"{len(values)} rows of {name} descriptors given for {len(rows)} row indices")
+            # Checked in the stored dtype: a value that overflows float16 becomes Inf there.
+            values = values[order].astype(self._file[name].dtype, copy=False)
             check_finite_rows(values, f"{name} descriptors for {self.path.name}")
             self._file[name][selection] = values
         self._file["written"][selection] = True
+        # Flushed per call, so a process killed between calls leaves a file that resumes.
+        self._file.flush()
 
     def finalize(self) -> Path:
         missing = self.missing_rows()
@@ -278,6 +309,10 @@ def write_feature_store(
     ) as writer:
         writer.write(np.arange(len(ids)), global_descriptors, local_descriptors)
     return Path(path)
+
+
+def _read_ids(f: h5py.File) -> list[str]:
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
 
 
 def _to_numpy(values) -> np.ndarray:

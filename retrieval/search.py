@@ -26,7 +26,7 @@ from retrieval.validation import as_float32_matrix
 
 # Rankings deeper than this are computed by scoring a chunk against the whole database and sorting.
 DENSE_SORT_MIN_K = 1024
-# Score-matrix budget of one chunk on the dense path, in bytes (scores and their sort permutation).
+# Working-memory budget of one chunk on the dense path, in bytes.
 DENSE_CHUNK_BYTES = 256 * 2**20
 # Queries per chunk on the faiss path; faiss tiles the database itself, so this only sets the progress step.
 FAISS_CHUNK_QUERIES = 4096
@@ -76,7 +76,8 @@ def knn(
 
     dense = depth >= min(DENSE_SORT_MIN_K, num_database)
     if chunk_size is None:
-        chunk_size = max(1, DENSE_CHUNK_BYTES // (12 * num_database)) if dense else FAISS_CHUNK_QUERIES
+        # ~20 bytes per score: the scores, their negation, the int64 partition/sort indices, the gathered scores.
+        chunk_size = max(1, DENSE_CHUNK_BYTES // (20 * num_database)) if dense else FAISS_CHUNK_QUERIES
 
     scores = np.empty((num_queries, k), dtype=np.float32)
     ids = np.empty((num_queries, k), dtype=np.int64)

@@ -115,8 +115,11 @@ def test_baseline_alone_equals_its_comparison_row_then_test_and_predict_write_in
     assert list((run / "wandb").glob("offline-run-*")), "W&B should have logged offline into the run directory"
 
     checkpoint = str(run / "checkpoints/last.ckpt")
+    training_config = (run / "config.yaml").read_text()
     run_cli("test", "--config", config, *SMALL_BENCHMARK, *QUIET, "--ckpt_path", checkpoint, cwd=workdir)
     assert {"val/embedded/recall@1", "test/embedded/recall@1"} <= metrics_of(run).keys()
+    assert (run / "config.yaml").read_text() == training_config, "the training config must not be replaced"
+    assert "ckpt_path" in (run / "config.test.yaml").read_text()
     run_cli("predict", "--config", config, *SMALL_BENCHMARK, *QUIET, "--ckpt_path", checkpoint, cwd=workdir)
     store = FeatureStore(run / "embeddings/test_database.h5")
     assert store.num_images == 40 * 20 and store.global_dim == 32
@@ -133,6 +136,15 @@ def test_one_and_two_ddp_processes_log_identical_metrics(tmp_path):
     one, two = metrics_of(tmp_path / "runs/one/version_0"), metrics_of(tmp_path / "runs/two/version_0")
     assert one.keys() == {"val/embedded/recall@1", "val/embedded/recall@10", "val/embedded/mAP@100"}
     assert one == two
+
+
+@pytest.mark.slow
+def test_closed_form_baseline_sums_its_statistics_over_ddp_processes(tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "pca_whitening/embedded.yaml"), *SMALL_BENCHMARK, *QUIET]
+    args += ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
+    run_cli(*args, "--trainer.devices=1", "--trainer.default_root_dir=runs/one", cwd=tmp_path)
+    run_cli(*args, "--trainer.devices=2", "--trainer.default_root_dir=runs/two", cwd=tmp_path)
+    assert metrics_of(tmp_path / "runs/one/version_0") == metrics_of(tmp_path / "runs/two/version_0")
 
 
 @pytest.mark.slow

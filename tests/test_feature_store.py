@@ -1,5 +1,7 @@
 """Feature stores: exact round trips, atomic and resumable writing, clear errors on bad files."""
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -115,3 +117,62 @@ def test_rows_that_disagree_with_num_images(tmp_path, descriptors):
         f.attrs["num_images"] = 60
     with pytest.raises(FeatureStoreError, match="dataset 'ids' has 50 rows but num_images is 60"):
         FeatureStore(path)
+
+
+def test_a_writer_killed_between_writes_leaves_a_file_that_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, numpy as np
+from retrieval.feature_store import FeatureStoreWriter
+writer = FeatureStoreWriter({str(tmp_path / "store.h5")!r}, [f"i{{i}}" for i in range(5000)], global_dim=32)
+for start in range(0, 3000, 500):
+    writer.write(range(start, start + 500), np.full((500, 32), start, np.float32))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == -9
+    writer = FeatureStoreWriter(tmp_path / "store.h5", [f"i{i}" for i in range(5000)], global_dim=32)
+    np.testing.assert_array_equal(writer.missing_rows(), np.arange(3000, 5000))
+    writer.write(range(3000, 5000), np.zeros((2000, 32), np.float32))
+    store = FeatureStore(writer.finalize())
+    assert store.global_descriptors()[2999, 0] == 2500
+
+
+def test_values_that_overflow_the_stored_dtype_are_refused(tmp_path, descriptors):
+    ids, global_descriptors, _ = descriptors
+    too_large = global_descriptors.copy()
+    too_large[3, 0] = 1e5  # above float16's maximum (65504)
+    with pytest.raises(ValueError, match=r"1 of 50 rows contain NaN or Inf values \(rows 3\)"):
+        write_feature_store(tmp_path / "store.h5", ids, too_large, global_dtype="float16")
+
+
+def test_rows_and_values_must_have_the_same_length(tmp_path, descriptors):
+    ids, global_descriptors, _ = descriptors
+    writer = FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16)
+    with pytest.raises(ValueError, match="50 rows of global descriptors given for 3 row indices"):
+        writer.write([0, 1, 2], global_descriptors)
+
+
+def test_local_descriptors_of_repeated_or_no_rows(tmp_path, descriptors):
+    ids, global_descriptors, local = descriptors
+    store = FeatureStore(write_feature_store(tmp_path / "store.h5", ids, global_descriptors, local))
+    np.testing.assert_array_equal(store.local_descriptors([7, 2, 7]), local[[7, 2, 7]])
+    assert store.local_descriptors([]).shape == (0, 7, 13)
+
+
+def test_resume_refuses_different_labels_or_dtype(tmp_path, descriptors):
+    ids, global_descriptors, _ = descriptors
+    FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16, labels=np.zeros(50)).close()
+    with pytest.raises(FeatureStoreError, match="labels differ"):
+        FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16)
+    with pytest.raises(FeatureStoreError, match="global descriptor shape or dtype differs"):
+        FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16, labels=np.zeros(50), global_dtype="float16")
+
+
+def test_a_failed_creation_leaves_nothing_behind(tmp_path, descriptors):
+    ids, global_descriptors, _ = descriptors
+    with pytest.raises(ValueError, match="3 labels for 50 images"):
+        FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16, labels=[1, 2, 3])
+    assert not (tmp_path / "store.h5.partial").exists()

@@ -18,7 +18,7 @@ from lightning_modules.run_directory import (
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    for name in (RUN_DIR_ENV, "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"):
+    for name in (RUN_DIR_ENV, "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(run_directory, "_exported", None)
 
@@ -97,3 +97,18 @@ def test_wandb_mode_follows_the_environment_credentials_and_network(tmp_path, mo
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.delenv("WANDB_BASE_URL")
     assert loggers.choose_wandb_mode() == "online"  # credentials from `wandb login`
+
+
+def test_torchrun_without_a_unique_id_is_refused_rather_than_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="torchrun without --rdzv-id"):
+        choose_run_directory(tmp_path, "fit", None)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process can take the next version safely
+    assert choose_run_directory(tmp_path, "fit", None)[0] == tmp_path / "version_0"
+
+
+def test_only_global_rank_zero_writes_run_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    run_directory.prepare_run(tmp_path, seed=1)
+    assert not (tmp_path / "run.json").exists()
