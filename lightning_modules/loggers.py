@@ -63,6 +63,8 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(
             project=project, name=name, save_dir=save_dir, id=id or (run.wandb_id if run else None), mode=mode, **kwargs
         )
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)  # W&B warns about the setting even when it is unset
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
