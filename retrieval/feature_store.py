@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -45,7 +46,8 @@ class FeatureStoreError(ValueError):
 
 
 class FeatureStore:
-    """Read access to a complete feature store; the file is validated when opened."""
+    """Read access to a complete feature store; the layout is validated when opened, ids and labels are read
+    when first used."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -85,8 +87,16 @@ class FeatureStore:
                 f"{self.path}: local descriptors have {self.local_shape[1]} columns; expected 5 + D "
                 f"({', '.join(LOCAL_COLUMNS)}, descriptor...)"
             )
-        self.ids = _read_ids(f)
-        self.labels = f["labels"][()] if "labels" in f else None
+
+    @cached_property
+    def ids(self) -> list[str]:
+        with h5py.File(self.path, "r") as f:
+            return _read_ids(f)
+
+    @cached_property
+    def labels(self) -> np.ndarray | None:
+        with h5py.File(self.path, "r") as f:
+            return f["labels"][()] if "labels" in f else None
 
     @property
     def has_global(self) -> bool:
