@@ -135,3 +135,33 @@ class RevisitedGroundTruth(GroundTruth):
 
     def evaluate(self, ranks) -> dict[str, float]:
         return revisited_map(self._check(ranks), self.gnd, self.kappas)
+
+
+class GLDv2GroundTruth(GroundTruth):
+    """Google Landmarks v2 retrieval: mAP@k (k = 100) computed separately for each query subset.
+
+    ``subsets`` names each query's subset ("public" or "private" in ``retrieval_solution_v2.1.csv``); every
+    subset is averaged over all its queries, as the challenge scores them (see :func:`map_at_k`).
+    Returns ``<subset>/mAP@<k>``.
+    """
+
+    def __init__(self, positives: Sequence[np.ndarray], subsets: Sequence[str], num_database: int, k: int = 100):
+        if len(positives) != len(subsets):
+            raise ValueError(f"{len(positives)} queries with positives but {len(subsets)} subset names")
+        self.positives = [np.asarray(p, dtype=np.int64) for p in positives]
+        self.subsets = np.asarray(subsets)
+        self.num_queries = len(self.positives)
+        self.num_database = num_database
+        self.k = k
+
+    @property
+    def depth(self) -> int:
+        return min(self.k, self.num_database)
+
+    def evaluate(self, ranks) -> dict[str, float]:
+        ranks = self._check(ranks)
+        metrics = {}
+        for subset in dict.fromkeys(self.subsets.tolist()):  # in order of first appearance
+            rows = np.flatnonzero(self.subsets == subset)
+            metrics[f"{subset}/mAP@{self.k}"] = map_at_k(ranks[rows], [self.positives[i] for i in rows], self.k)
+        return metrics

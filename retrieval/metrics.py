@@ -105,6 +105,12 @@ def revisited_map(ranks, gnd, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, f
     return results
 
 
+def rop_map(revisited_results: Sequence[Mapping[str, float]]) -> float:
+    """The ROP average of the AMES paper: mean of the medium and hard mAP over the given datasets' results
+    (e.g. ROxford and RParis, each with the 1M distractors: "ROP+1M")."""
+    return float(np.mean([r[f"{setup}/mAP"] for r in revisited_results for setup in ("medium", "hard")]))
+
+
 def positives_from_labels(query_labels, db_labels, same_set: bool = False) -> list[np.ndarray]:
     """Per query, the database indices with the same label (sorted).
 

@@ -1,0 +1,144 @@
+"""Google Landmarks v2 (Weyand et al., CVPR 2020): the published layout, training-set selection and protocol.
+
+Layout (as distributed)::
+
+    <root>/train.csv                      id,url,landmark_id
+    <root>/train_clean.csv                landmark_id,images   (space-separated train ids)
+    <root>/index.csv                      id
+    <root>/test.csv                       id
+    <root>/retrieval_solution_v2.1.csv    id,images,Usage      (images: space-separated index ids, or None;
+                                                                Usage: Public, Private or Ignored)
+    <root>/{train,index,test}/<a>/<b>/<c>/<id>.jpg               a, b, c: the first three characters of the id
+
+Real sizes: 4,132,914 training images of 203,094 landmarks (clean: 1,580,470 of 81,313), 761,757 index
+images, 117,577 test images of which 379 Public and 750 Private retrieval queries (v2.1). Protocol: mAP@100
+over the index, reported separately for the Public and the Private queries; Ignored queries are not scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.layout import DatasetFormatError, read_csv_rows, require_file
+from retrieval.ground_truth import GLDv2GroundTruth
+
+EXPECTED_TREE = """\
+<root>/
+  train.csv  train_clean.csv  index.csv  test.csv  retrieval_solution_v2.1.csv
+  train/0/1/2/0123456789abcdef.jpg ...
+  index/...  test/...
+"""
+DATASET = "Google Landmarks v2"
+SOLUTION = "retrieval_solution_v2.1.csv"
+
+
+def image_path(split: str, image_id: str) -> str:
+    """``<split>/<a>/<b>/<c>/<id>.jpg``, relative to the root."""
+    return f"{split}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+
+
+@dataclass
+class GLDv2Retrieval:
+    index_ids: list[str]
+    query_ids: list[str]  # the scored (Public and Private) queries, in solution-file order
+    query_subsets: list[str]  # "public" or "private"
+    positives: list[np.ndarray]  # per query, positions in index_ids
+
+    def ground_truth(self, k: int = 100) -> GLDv2GroundTruth:
+        return GLDv2GroundTruth(self.positives, self.query_subsets, len(self.index_ids), k)
+
+
+def read_gldv2_retrieval(root: str | Path) -> GLDv2Retrieval:
+    """Read the index list, the test list and the retrieval solution, checking they agree."""
+    root = Path(root)
+    index_ids = _read_ids(root / "index.csv")
+    test_ids = set(_read_ids(root / "test.csv"))
+    position = {image_id: i for i, image_id in enumerate(index_ids)}
+    solution = require_file(root / SOLUTION, DATASET, EXPECTED_TREE)
+    query_ids, subsets, positives = [], [], []
+    for line, row in read_csv_rows(solution, ["id", "images", "Usage"], DATASET):
+        usage = row["Usage"].strip()
+        if usage == "Ignored":
+            continue
+        if usage not in ("Public", "Private"):
+            raise DatasetFormatError(f"{solution}:{line}: Usage {usage!r}; expected Public, Private or Ignored")
+        if row["id"] not in test_ids:
+            raise DatasetFormatError(f"{solution}:{line}: query {row['id']} is not listed in {root / 'test.csv'}")
+        images = row["images"].split()
+        if not images or images == ["None"]:
+            raise DatasetFormatError(
+                f"{solution}:{line}: {usage} query {row['id']} has no index images; only Ignored rows may be empty"
+            )
+        missing = [i for i in images if i not in position]
+        if missing:
+            raise DatasetFormatError(
+                f"{solution}:{line}: index images {missing[:3]} of query {row['id']} are not listed in {root / 'index.csv'}"
+            )
+        query_ids.append(row["id"])
+        subsets.append(usage.lower())
+        positives.append(np.array(sorted(position[i] for i in images), dtype=np.int64))
+    return GLDv2Retrieval(index_ids, query_ids, subsets, positives)
+
+
+@dataclass
+class GLDv2Train:
+    ids: list[str]
+    landmark_ids: np.ndarray
+
+
+def read_gldv2_train(
+    root: str | Path,
+    clean: bool = True,
+    min_images_per_class: int = 1,
+    max_images_per_class: int | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> GLDv2Train:
+    """The training images, selected deterministically.
+
+    Args:
+        clean: use ``train_clean.csv`` (the cleaned subset) instead of ``train.csv``.
+        min_images_per_class: keep landmarks with at least this many images.
+        max_images_per_class: keep at most this many images per landmark (a seeded random sample).
+        num_classes: keep this many landmarks among the eligible ones (a seeded random sample).
+
+    AMES, for instance, trains on 24K clean landmarks with more than 10 images and at most 500 images each:
+    ``clean=True, min_images_per_class=11, max_images_per_class=500, num_classes=24000``.
+    """
+    root = Path(root)
+    by_class: dict[int, list[str]] = {}
+    if clean:
+        path = require_file(root / "train_clean.csv", DATASET, EXPECTED_TREE)
+        for line, row in read_csv_rows(path, ["landmark_id", "images"], DATASET):
+            by_class.setdefault(_landmark(row, path, line), []).extend(row["images"].split())
+    else:
+        path = require_file(root / "train.csv", DATASET, EXPECTED_TREE)
+        for line, row in read_csv_rows(path, ["id", "url", "landmark_id"], DATASET):
+            by_class.setdefault(_landmark(row, path, line), []).append(row["id"])
+    rng = np.random.default_rng(seed)
+    eligible = sorted(c for c, images in by_class.items() if len(images) >= min_images_per_class)
+    if num_classes is not None and num_classes < len(eligible):
+        eligible = sorted(rng.choice(eligible, num_classes, replace=False).tolist())
+    ids, labels = [], []
+    for landmark in eligible:
+        images = sorted(by_class[landmark])
+        if max_images_per_class is not None and len(images) > max_images_per_class:
+            images = sorted(rng.choice(images, max_images_per_class, replace=False).tolist())
+        ids += images
+        labels += [landmark] * len(images)
+    return GLDv2Train(ids, np.asarray(labels, dtype=np.int64))
+
+
+def _read_ids(path: Path) -> list[str]:
+    path = require_file(path, DATASET, EXPECTED_TREE)
+    return [row["id"] for _, row in read_csv_rows(path, ["id"], DATASET)]
+
+
+def _landmark(row: dict[str, str], path: Path, line: int) -> int:
+    try:
+        return int(row["landmark_id"])
+    except ValueError:
+        raise DatasetFormatError(f"{path}:{line}: landmark_id {row['landmark_id']!r} is not an integer") from None
