@@ -257,7 +257,8 @@ class FeatureStoreWriter:
             if len(values) != len(rows):
                 raise ValueError(f"{len(values)} rows of {name} descriptors given for {len(rows)} row indices")
             # Checked in the stored dtype: a value that overflows float16 becomes Inf there.
-            values = values[order].astype(self._file[name].dtype, copy=False)
+            with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
+                values = values[order].astype(self._file[name].dtype, copy=False)
             check_finite_rows(values, f"{name} descriptors for {self.path.name}")
             self._file[name][selection] = values
         self._file["written"][selection] = True

@@ -109,7 +109,8 @@ def _two_process_gradients(rank, port, x, state, queue):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     shard = x.chunk(2)[rank]
     global_batch_loss(ddp, shard).backward()
-    queue.put((rank, [p.grad.clone() for p in model.parameters()]))
+    # numpy arrays travel by value; tensors would be shared through a file descriptor of an exiting process
+    queue.put((rank, [p.grad.numpy().copy() for p in model.parameters()]))
     dist.destroy_process_group()
 
 
@@ -139,4 +140,4 @@ def test_gathered_constraints_give_the_single_process_gradient_under_ddp():
         p.join(timeout=60)
     for rank in range(2):
         for got, want in zip(results[rank], expected):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-10, atol=1e-12)
