@@ -18,7 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.retrieval_evaluation import _retrieval_datamodule, format_table, score_eval_sets
-from lightning_modules.base import ClosedFormModule, RetrievalModule
+from lightning_modules.base import ClosedFormModule, RetrievalModule, sum_over_processes
 from retrieval.files import write_text_atomic
 
 
@@ -79,7 +79,7 @@ def fit_closed_form(trainer, module: ClosedFormModule, loader) -> None:
     module.reset_statistics()
     for batch in loader:
         module.observe(_prepare(trainer, batch, module.device))
-    module.solve(lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu())
+    module.solve(sum_over_processes(trainer.strategy))
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ class EmbeddingWriter(pl.Callback):
         self._outputs.append((outputs["index"].detach().cpu(), outputs["embeddings"].detach().cpu()))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        datamodule = trainer.datamodule
-        dataset = datamodule.predict_dataset()
-        split = getattr(datamodule, "predict_split", "predict")
+        loader = trainer.predict_dataloaders
+        dataset = (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset  # the one just embedded
+        split = getattr(trainer.datamodule, "predict_split", "predict")
         embeddings = gather_by_index(trainer, self._outputs, len(dataset), f"{split} (predict)")
         self._outputs = []
         if not trainer.is_global_zero:

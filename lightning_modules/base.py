@@ -80,6 +80,11 @@ class RetrievalModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def sum_over_processes(strategy):
+    """``tensor -> tensor`` summed over all processes of ``strategy`` (on its device, returned on the CPU)."""
+    return lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="sum").cpu()
+
+
 class ClosedFormModule(RetrievalModule):
     """A method fitted in closed form from statistics of one pass over the training set (no optimiser).
 
@@ -122,7 +127,7 @@ class ClosedFormModule(RetrievalModule):
 
     def _solve_observed(self) -> None:
         if self._unsolved:
-            self.solve(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu())
+            self.solve(sum_over_processes(self.trainer.strategy))
             self._unsolved = False
 
     def configure_optimizers(self):
