@@ -2,7 +2,7 @@
 
 from callbacks.baseline_comparison import BaselineComparison
 from callbacks.retrieval_evaluation import RetrievalEvaluation
-from callbacks.embedding_writer import EmbeddingWriter
+from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_config import SaveRunConfig
 
-__all__ = ["BaselineComparison", "EmbeddingWriter", "RetrievalEvaluation", "SaveRunConfig"]
+__all__ = ["BaselineComparison", "PredictionWriter", "RetrievalEvaluation", "SaveRunConfig"]

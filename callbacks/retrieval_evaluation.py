@@ -131,6 +131,7 @@ def score_eval_sets(
             if cosine_variance:
                 scores["cos_var"] = cosine_similarity_variance(gathered[(name, "database")])
             metrics.update({f"{stage}/{name}/{metric}": value for metric, value in scores.items()})
+        metrics.update(datamodule.summary_metrics(stage, metrics))
     return trainer.strategy.broadcast(metrics, src=0)
 
 

@@ -78,6 +78,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_seed = shuffle_seed
         self._eval_sets: dict[str, list[EvalSet]] = {}
+        #: Per predict dataset name, the indices this process still has to predict. Set by a resuming
+        #: prediction writer; unset names get this process's whole shard.
+        self.predict_indices: dict[str, list[int]] = {}
 
     # ---- to implement -------------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
@@ -86,8 +89,17 @@ class RetrievalDataModule(pl.LightningDataModule):
     def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
         raise NotImplementedError
 
-    def predict_dataset(self) -> Dataset:
+    def predict_datasets(self) -> dict[str, Dataset]:
+        """What ``predict`` runs over, by name (the names of the written files), in dataloader order."""
         raise NotImplementedError(f"{type(self).__name__} does not define what to predict")
+
+    def summary_metrics(self, stage: EvalStage, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from several evaluation sets' metrics (e.g. an average the benchmark reports)."""
+        return {}
+
+    def collate_fn(self):
+        """Batch collation of this datamodule's examples (``None``: PyTorch's default)."""
+        return None
 
     # ---- provided -----------------------------------------------------------------------------------------
     def eval_sets(self, stage: EvalStage) -> list[EvalSet]:
@@ -109,7 +121,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         batches = GlobalBatchSampler(EpochPermutation(len(dataset), seed=seed), self.batch_size, rank, world_size)
         return ResumableDataLoader(
-            dataset, batch_sampler=batches, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn(),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -118,17 +134,22 @@ class RetrievalDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self.eval_dataloaders("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.sharded_dataloader(self.predict_dataset())
+    def predict_dataloader(self) -> list[DataLoader]:
+        return [
+            self.sharded_dataloader(dataset, self.predict_indices.get(name))
+            for name, dataset in self.predict_datasets().items()
+        ]
 
-    def sharded_dataloader(self, dataset: Dataset) -> DataLoader:
-        """Sequential loader over this process's (padded) shard of ``dataset`` (see :class:`ShardSampler`)."""
+    def sharded_dataloader(self, dataset: Dataset, indices: list[int] | None = None) -> DataLoader:
+        """Sequential loader over this process's (padded) shard of ``dataset`` (see :class:`ShardSampler`),
+        or over ``indices`` when given."""
         rank, world_size = self._distribution()
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
-            sampler=ShardSampler(len(dataset), rank, world_size),
+            sampler=ShardSampler(len(dataset), rank, world_size) if indices is None else indices,
             num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
         )
 
     def eval_dataloaders(self, stage: EvalStage) -> list[DataLoader]:

@@ -100,10 +100,10 @@ class LabelledFeatureStores(RetrievalDataModule):
     def train_dataset(self) -> EmbeddingDataset:
         return EmbeddingDataset.from_store(self._store("train"))
 
-    def predict_dataset(self) -> EmbeddingDataset:
+    def predict_datasets(self) -> dict[str, EmbeddingDataset]:
         if self.predict_split not in self.paths:
             raise ValueError(f"predict_split must be one of {sorted(self.paths)}, got {self.predict_split!r}")
-        return EmbeddingDataset.from_store(self._store(self.predict_split))
+        return {self.predict_split: EmbeddingDataset.from_store(self._store(self.predict_split))}
 
     def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
         database = self._store(f"{stage}_database")

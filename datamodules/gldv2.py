@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.images import EvalSpec, ImageBenchmark, ImageList
 from datamodules.layout import DatasetFormatError, read_csv_rows, require_file
 from retrieval.ground_truth import GLDv2GroundTruth
 
@@ -142,3 +143,59 @@ def _landmark(row: dict[str, str], path: Path, line: int) -> int:
         return int(row["landmark_id"])
     except ValueError:
         raise DatasetFormatError(f"{path}:{line}: landmark_id {row['landmark_id']!r} is not an integer") from None
+
+
+class GoogleLandmarksV2(ImageBenchmark):
+    """Google Landmarks v2 from its published layout (see the module docstring for layout and sizes).
+
+    Lists: ``train`` (the selected training images, labelled by landmark), ``index`` and ``test`` (the
+    scored Public and Private retrieval queries, in solution-file order). GLDv2 has no validation split:
+    validation and test both report Public and Private mAP@100 (tune on Public, report Private).
+
+    Args:
+        root: the dataset directory.
+        clean, min_images_per_class, max_images_per_class, num_classes, selection_seed: the training
+            selection (:func:`read_gldv2_train`).
+        k: the cut-off of mAP@k (100 in the challenge).
+        **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
+    """
+
+    name = "gldv2"
+    expected_tree = EXPECTED_TREE
+
+    def __init__(
+        self,
+        root: str,
+        clean: bool = True,
+        min_images_per_class: int = 1,
+        max_images_per_class: int | None = None,
+        num_classes: int | None = None,
+        selection_seed: int = 0,
+        k: int = 100,
+        **kwargs,
+    ):
+        super().__init__(root, **kwargs)
+        self.selection = dict(
+            clean=clean,
+            min_images_per_class=min_images_per_class,
+            max_images_per_class=max_images_per_class,
+            num_classes=num_classes,
+            seed=selection_seed,
+        )
+        self.k = k
+
+    def read_lists(self) -> dict[str, ImageList]:
+        train = read_gldv2_train(self.root, **self.selection)
+        self.retrieval = read_gldv2_retrieval(self.root)
+        return {
+            "train": ImageList([image_path("train", i) for i in train.ids], labels=train.landmark_ids),
+            "index": ImageList([image_path("index", i) for i in self.retrieval.index_ids]),
+            "test": ImageList([image_path("test", i) for i in self.retrieval.query_ids]),
+        }
+
+    def train_list(self) -> str:
+        return "train"
+
+    def eval_specs(self, stage) -> list[EvalSpec]:
+        self.lists  # noqa: B018 - reads the retrieval solution
+        return [EvalSpec("gldv2", self.retrieval.ground_truth(self.k), database=["index"], query="test")]

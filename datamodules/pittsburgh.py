@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from datamodules.images import EvalSpec, ImageBenchmark, ImageList
 from datamodules.layout import DatasetFormatError, DatasetLayoutError, require_file
 from retrieval.ground_truth import RadiusGroundTruth
 
@@ -103,3 +105,59 @@ def _utm_of(path: Path) -> tuple[float, float]:
 
 def pittsburgh_ground_truth(split: PlaceSplit, recall_ks=RECALL_KS) -> RadiusGroundTruth:
     return RadiusGroundTruth(split.query_utm, split.database_utm, radius=split.radius, recall_ks=recall_ks)
+
+
+class Pittsburgh30k(ImageBenchmark):
+    """Pittsburgh30k in either published layout (see the module docstring for layouts and sizes).
+
+    Lists: ``{train,val,test}_database`` and ``{train,val,test}_queries``; validation and test search the
+    queries of their split in its database. The training list is ``train_database`` (what an unsupervised
+    embedding method fits on); place-recognition training with mined triplets needs both training lists.
+
+    Args:
+        root: the dataset directory.
+        layout: ``mat`` (NetVLAD ``dbStruct`` files) or ``folders`` (UTM coordinates in file names).
+        radius: the positive distance in metres for the folder layout (the ``.mat`` files carry theirs, 25).
+        recall_ks: cut-offs of Recall@N.
+        **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
+    """
+
+    name = "pitts30k"
+
+    def __init__(
+        self,
+        root: str,
+        layout: Literal["mat", "folders"] = "mat",
+        radius: float = 25.0,
+        recall_ks: tuple[int, ...] = RECALL_KS,
+        **kwargs,
+    ):
+        super().__init__(root, **kwargs)
+        if layout not in ("mat", "folders"):
+            raise ValueError(f"Pittsburgh layout must be 'mat' or 'folders', got {layout!r}")
+        self.layout, self.radius, self.recall_ks = layout, radius, tuple(recall_ks)
+        self.expected_tree = MAT_TREE if layout == "mat" else FOLDER_TREE
+        self._splits: dict[str, PlaceSplit] = {}
+
+    def place_split(self, split: str) -> PlaceSplit:
+        if split not in self._splits:
+            if self.layout == "mat":
+                self._splits[split] = read_pittsburgh_mat(self.root, split)
+            else:
+                self._splits[split] = read_pittsburgh_folders(self.root, split, self.radius)
+        return self._splits[split]
+
+    def read_lists(self) -> dict[str, ImageList]:
+        lists = {}
+        for split in ("train", "val", "test"):
+            places = self.place_split(split)
+            lists[f"{split}_database"] = ImageList(places.database_paths)
+            lists[f"{split}_queries"] = ImageList(places.query_paths)
+        return lists
+
+    def train_list(self) -> str:
+        return "train_database"
+
+    def eval_specs(self, stage) -> list[EvalSpec]:
+        ground_truth = pittsburgh_ground_truth(self.place_split(stage), self.recall_ks)
+        return [EvalSpec("pitts30k", ground_truth, database=[f"{stage}_database"], query=f"{stage}_queries")]

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.images import EvalSpec, ImageBenchmark, ImageList
 from datamodules.layout import DatasetFormatError, require_file
 from retrieval.ground_truth import RevisitedGroundTruth
+from retrieval.metrics import rop_map
 
 NAMES = ("roxford5k", "rparis6k")
 DISTRACTORS = "revisitop1m"
@@ -92,3 +94,82 @@ def read_distractors(root: str | Path) -> list[str]:
     """Paths (relative to the root) of the 1M distractors listed in ``revisitop1m/revisitop1m.txt``."""
     path = require_file(Path(root) / DISTRACTORS / f"{DISTRACTORS}.txt", "Revisited 1M distractors", EXPECTED_TREE)
     return [f"{DISTRACTORS}/jpg/{line.strip()}" for line in path.read_text().splitlines() if line.strip()]
+
+
+class RevisitedOxfordParis(ImageBenchmark):
+    """Revisited Oxford and/or Paris, optionally with the 1M distractors (see the module docstring).
+
+    Lists: ``<name>_query`` (cropped to their boxes), ``<name>_database`` for each dataset, and
+    ``revisitop1m`` with distractors, which is appended to every database (extracted once, shared).
+    Each dataset is one evaluation set (``roxford5k`` or ``roxford5k+1m``), used for validation and test;
+    with both datasets, ``<stage>/rop/mAP`` is the AMES paper's ROP: the mean of medium and hard mAP over
+    the two.
+
+    The benchmark has no training split: ``train_on`` names the list an unsupervised method fits on, e.g.
+    ``rparis6k_database`` to test on Oxford, or ``revisitop1m``.
+
+    Args:
+        root: the directory holding ``roxford5k/``, ``rparis6k/`` and optionally ``revisitop1m/``.
+        datasets: ``roxford5k``, ``rparis6k`` or both.
+        distractors: append the 1M distractors to the databases.
+        train_on: the list ``fit`` trains on.
+        kappas: the k of mP@k.
+        **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
+    """
+
+    name = "revisited"
+    expected_tree = EXPECTED_TREE
+
+    def __init__(
+        self,
+        root: str,
+        datasets: tuple[str, ...] = NAMES,
+        distractors: bool = False,
+        train_on: str | None = None,
+        kappas: tuple[int, ...] = (1, 5, 10),
+        **kwargs,
+    ):
+        super().__init__(root, **kwargs)
+        unknown = [d for d in datasets if d not in NAMES]
+        if unknown or not datasets:
+            raise ValueError(f"Revisited datasets are {NAMES}, got {list(datasets)}")
+        self.datasets, self.distractors, self.train_on, self.kappas = tuple(datasets), distractors, train_on, tuple(kappas)
+
+    def read_lists(self) -> dict[str, ImageList]:
+        self.revisited = {name: read_revisited(self.root, name) for name in self.datasets}
+        lists = {}
+        for name, dataset in self.revisited.items():
+            lists[f"{name}_query"] = ImageList(dataset.query_paths, boxes=dataset.query_boxes)
+            lists[f"{name}_database"] = ImageList(dataset.database_paths)
+        if self.distractors:
+            self.distractor_paths = read_distractors(self.root)
+            lists[DISTRACTORS] = ImageList(self.distractor_paths)
+        return lists
+
+    def train_list(self) -> str:
+        if self.train_on is None:
+            raise ValueError(
+                "Revisited Oxford/Paris has no training split: set train_on to the list to fit on, one of "
+                f"{sorted(self.lists)}"
+            )
+        return self.train_on
+
+    def eval_specs(self, stage) -> list[EvalSpec]:
+        specs = []
+        for name in self.datasets:
+            self.lists  # noqa: B018 - reads the ground truth
+            dataset = self.revisited[name]
+            database = [f"{name}_database"]
+            if self.distractors:
+                dataset = dataset.with_distractors(self.distractor_paths)
+                database.append(DISTRACTORS)
+            specs.append(EvalSpec(dataset.name, dataset.ground_truth(self.kappas), database, query=f"{name}_query"))
+        return specs
+
+    def summary_metrics(self, stage, metrics: dict[str, float]) -> dict[str, float]:
+        suffix = "+1m" if self.distractors else ""
+        prefixes = [f"{stage}/{name}{suffix}/" for name in NAMES]
+        results = [{k[len(p) :]: v for k, v in metrics.items() if k.startswith(p)} for p in prefixes]
+        if not all(results):
+            return {}
+        return {f"{stage}/rop{suffix}/mAP": rop_map(results)}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.images import EvalSpec, ImageBenchmark, ImageList
 from datamodules.layout import DatasetFormatError, require_file
 from retrieval.ground_truth import LabelGroundTruth
 
@@ -62,3 +63,35 @@ def read_sop_split(root: str | Path, split: str) -> SOPSplit:
 def sop_ground_truth(split: SOPSplit, recall_ks=RECALL_KS, map_ks=(100,)) -> LabelGroundTruth:
     """Leave-one-out: same class = relevant, the query itself excluded."""
     return LabelGroundTruth(split.class_ids, None, recall_ks=recall_ks, map_ks=map_ks)
+
+
+class StanfordOnlineProducts(ImageBenchmark):
+    """Stanford Online Products from its published layout (see the module docstring for layout and sizes).
+
+    Lists: ``train`` (``Ebay_train.txt``) and ``test`` (``Ebay_test.txt``), labelled by class. SOP has no
+    validation split; validation evaluates the test split, as the metric-learning literature does.
+
+    Args:
+        root: the ``Stanford_Online_Products`` directory.
+        recall_ks, map_ks: cut-offs of Recall@k and mAP@k.
+        **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
+    """
+
+    name = "sop"
+    expected_tree = EXPECTED_TREE
+
+    def __init__(self, root: str, recall_ks: tuple[int, ...] = RECALL_KS, map_ks: tuple[int, ...] = (100,), **kwargs):
+        super().__init__(root, **kwargs)
+        self.recall_ks, self.map_ks = tuple(recall_ks), tuple(map_ks)
+
+    def read_lists(self) -> dict[str, ImageList]:
+        self.splits = {split: read_sop_split(self.root, split) for split in ("train", "test")}
+        return {split: ImageList(s.paths, labels=s.class_ids) for split, s in self.splits.items()}
+
+    def train_list(self) -> str:
+        return "train"
+
+    def eval_specs(self, stage) -> list[EvalSpec]:
+        self.lists  # noqa: B018 - reads the splits
+        ground_truth = sop_ground_truth(self.splits["test"], self.recall_ks, self.map_ks)
+        return [EvalSpec("sop", ground_truth, database=["test"])]

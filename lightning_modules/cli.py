@@ -6,7 +6,7 @@ LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf i
 * every run gets its own run directory with its resolved config, checkpoints, metrics and W&B files, and
   ``--ckpt_path last`` resumes the newest interrupted run (:mod:`lightning_modules.run_directory`);
 * the shared evaluation callback (``--evaluation.*``), a checkpoint callback (``--checkpoint.*``, saving
-  ``last.ckpt``) and the ``predict`` embedding writer (``--predictions.*``) are always present;
+  ``last.ckpt``) and the ``predict`` writer of feature stores (``--predictions.*``) are always present;
 * the datamodules place data on processes themselves, so Lightning's sampler injection is off.
 """
 
@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.embedding_writer import EmbeddingWriter
+from callbacks.prediction_writer import PredictionWriter
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.run_config import SaveRunConfig
 from datamodules.base import RetrievalDataModule
@@ -58,7 +58,7 @@ class RetrievalCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RetrievalEvaluation, "evaluation")
-        parser.add_lightning_class_args(EmbeddingWriter, "predictions")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -73,7 +73,7 @@ class RetrievalCLI(LightningCLI):
         # The evaluation callback prints the metrics; Lightning's per-dataloader table would repeat them.
         if subcommand in ("validate", "test"):
             parser.set_defaults(verbose=False)
-        if subcommand == "predict":  # the embedding writer saves them; do not also keep them in memory
+        if subcommand == "predict":  # the prediction writer streams them to disk; do not also keep them in memory
             parser.set_defaults(return_predictions=False)
         return parser
 

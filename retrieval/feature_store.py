@@ -266,18 +266,8 @@ class FeatureStoreWriter:
         self._file.flush()
 
     def finalize(self) -> Path:
-        missing = self.missing_rows()
-        if len(missing):
-            self._file.close()
-            raise FeatureStoreError(
-                f"{self.partial_path}: {len(missing)} of {self.num_images} rows were never written "
-                f"(first: {missing[:5].tolist()}); the file is kept so the writing can resume"
-            )
-        del self._file["written"]
-        self._file.flush()
         self._file.close()
-        os.replace(self.partial_path, self.path)
-        return self.path
+        return finalize_partial(self.path)
 
     def close(self) -> None:
         """Close without finalising: the ``.partial`` file stays for a later resume."""
@@ -292,6 +282,34 @@ class FeatureStoreWriter:
             self.finalize()
         else:
             self.close()
+
+
+def partial_missing_rows(path: str | os.PathLike) -> np.ndarray | None:
+    """Rows not yet written in the ``.partial`` file of the store ``path``; ``None`` if there is none."""
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    if not partial.exists():
+        return None
+    try:
+        with h5py.File(partial, "r") as f:
+            return np.flatnonzero(~f["written"][()])
+    except (OSError, KeyError) as error:
+        raise FeatureStoreError(f"cannot resume {partial}: it is unreadable ({error}); delete it to start over") from error
+
+
+def finalize_partial(path: str | os.PathLike) -> Path:
+    """Check that every row of ``<path>.partial`` is written, then atomically rename it to ``path``."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with h5py.File(partial, "r+") as f:
+        missing = np.flatnonzero(~f["written"][()])
+        if len(missing):
+            raise FeatureStoreError(
+                f"{partial}: {len(missing)} of {len(missing) + int(f['written'][()].sum())} rows were never written "
+                f"(first: {missing[:5].tolist()}); the file is kept so the writing can resume"
+            )
+        del f["written"]
+    os.replace(partial, path)
+    return path
 
 
 def write_feature_store(

@@ -1,0 +1,309 @@
+"""Image benchmarks: lists of image files (or their stored descriptors) with the ground truth that scores them.
+
+Every dataset family (:mod:`datamodules.sop`, :mod:`~datamodules.pittsburgh`, :mod:`~datamodules.gldv2`,
+:mod:`~datamodules.revisited`) reads its published lists into named :class:`ImageList` objects and describes
+its evaluation sets by list name (:class:`EvalSpec`). :class:`ImageBenchmark` turns that description into
+datasets of two kinds, chosen by one argument:
+
+* ``features=None``: the images, decoded and resized (``{"index", "image", "to_original"}`` examples), for
+  image-level methods and for extraction (``predict``);
+* ``features=<dir>``: the stored descriptors ``<dir>/<list name>.h5`` written by extraction
+  (``{"index", "embedding"}`` examples), for embedding-level methods. Their ids must equal the list's paths,
+  so a store extracted from another version of the lists is refused rather than silently misaligned.
+
+An unreadable image (e.g. a truncated JPEG) stops evaluation and extraction with an error naming the file:
+a missing row would shift every index after it. For training, ``skip_unreadable_train=True`` instead drops
+such images from their batch, warns with the file name, and counts them in the batch (``"skipped"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset, default_collate
+
+from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
+from datamodules.feature_store import EmbeddingDataset
+from datamodules.layout import DatasetFormatError, DatasetLayoutError
+from retrieval.feature_store import FeatureStore
+from retrieval.ground_truth import GroundTruth
+
+ResizeMode = Literal["longer_side", "square", "center_crop"]
+
+
+@dataclass
+class ImageList:
+    """Images of one split: paths relative to the dataset root (also their ids in feature stores)."""
+
+    paths: list[str]
+    labels: np.ndarray | None = None
+    boxes: np.ndarray | None = None  # [N, 4] x1, y1, x2, y2 crop boxes in pixels (Revisited queries)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class EvalSpec:
+    """An evaluation set by list names; ``query=None`` is leave-one-out over the database."""
+
+    name: str
+    ground_truth: GroundTruth
+    database: list[str]  # list names, concatenated in this order (e.g. a database then its distractors)
+    query: str | None = None
+    lists: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lists = ([self.query] if self.query else []) + list(self.database)
+
+
+class ImageTransform:
+    """PIL image -> float tensor in [0, 1] (the backbone normalises), plus the map back to original pixels.
+
+    Modes:
+        ``longer_side``: the longer side becomes ``image_size``, the aspect ratio is kept (the Revisited and
+            GLDv2 practice); images of different shapes then need a batch size of 1.
+        ``square``: resized to ``image_size`` x ``image_size``, aspect ratio not kept.
+        ``center_crop``: the shorter side becomes ``image_size``, then the central square is cut.
+    Each side is rounded to a multiple of ``multiple_of`` (a ViT's patch size), at least one multiple.
+    ``to_original`` holds ``(scale_x, scale_y, offset_x, offset_y)``: original = transformed * scale + offset.
+    """
+
+    def __init__(self, image_size: int = 224, mode: ResizeMode = "longer_side", multiple_of: int = 1):
+        if mode not in ("longer_side", "square", "center_crop"):
+            raise ValueError(f"resize mode must be longer_side, square or center_crop, got {mode!r}")
+        self.image_size, self.mode, self.multiple_of = image_size, mode, multiple_of
+
+    def _round(self, value: float) -> int:
+        return max(self.multiple_of, int(round(value / self.multiple_of)) * self.multiple_of)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        width, height = image.size
+        offset_x = offset_y = 0.0
+        if self.mode == "square":
+            new_w = new_h = self._round(self.image_size)
+        elif self.mode == "longer_side":
+            ratio = self.image_size / max(width, height)
+            new_w, new_h = self._round(width * ratio), self._round(height * ratio)
+        else:
+            side = min(width, height)
+            offset_x, offset_y = (width - side) // 2, (height - side) // 2
+            image = image.crop((offset_x, offset_y, offset_x + side, offset_y + side))
+            width = height = side
+            new_w = new_h = self._round(self.image_size)
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        to_original = torch.tensor([width / new_w, height / new_h, offset_x, offset_y], dtype=torch.float32)
+        return pixels.float().div_(255), to_original
+
+
+def load_image(path: Path, box: Sequence[float] | None = None) -> Image.Image:
+    """Decode an image as RGB, cropped to ``box`` (x1, y1, x2, y2) the way the Revisited code does (PIL crop).
+
+    A file that cannot be decoded completely raises :class:`DatasetFormatError` naming it.
+    """
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")  # decodes fully: a truncated file fails here
+    except FileNotFoundError:
+        raise DatasetLayoutError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetFormatError(f"{path}: cannot be decoded as an image ({error}); expected a complete JPEG/PNG file") from error
+    if box is not None:
+        image = image.crop(tuple(float(v) for v in box))
+    return image
+
+
+class ImageListDataset(Dataset):
+    """The images of an :class:`ImageList` under ``root``.
+
+    ``skip_unreadable``: return ``{"index", "unreadable": path}`` for a file that cannot be decoded instead of
+    raising; :func:`collate_images` drops it from the batch and counts it.
+    """
+
+    def __init__(self, root: str | Path, images: ImageList, transform: ImageTransform, skip_unreadable: bool = False):
+        self.root = Path(root)
+        self.images = images
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+
+    @property
+    def ids(self) -> list[str]:
+        return self.images.paths
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.images.labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.root / self.images.paths[index]
+        box = None if self.images.boxes is None else self.images.boxes[index]
+        try:
+            image = load_image(path, box)
+        except (DatasetFormatError, DatasetLayoutError) as error:
+            if not self.skip_unreadable:
+                raise
+            return {"index": index, "unreadable": str(error)}
+        pixels, to_original = self.transform(image)
+        example = {"index": index, "image": pixels, "to_original": to_original}
+        if self.images.labels is not None:
+            example["label"] = int(self.images.labels[index])
+        return example
+
+
+def collate_images(examples: list[dict]) -> dict:
+    """Stack a batch; unreadable examples (see :class:`ImageListDataset`) are dropped, warned about, counted."""
+    readable = [e for e in examples if "unreadable" not in e]
+    for example in examples:
+        if "unreadable" in example:
+            warnings.warn(f"skipping an unreadable training image: {example['unreadable']}", stacklevel=1)
+    shapes = {tuple(e["image"].shape) for e in readable}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images of different sizes {sorted(shapes)} in one batch: with resize mode 'longer_side' set the "
+            "batch size to 1, or use resize mode 'square' or 'center_crop'"
+        )
+    batch = default_collate(readable) if readable else {}
+    batch["skipped"] = torch.tensor(len(examples) - len(readable))
+    return batch
+
+
+class ImageBenchmark(RetrievalDataModule):
+    """Base of the image benchmarks: subclasses read their lists (:meth:`read_lists`), say which one trains
+    (:meth:`train_list`) and describe evaluation (:meth:`eval_specs`).
+
+    Args:
+        root: the dataset's root directory, in its published layout.
+        features: directory of feature stores ``<list name>.h5`` to read instead of the images.
+        image_size, resize: see :class:`ImageTransform`; ``multiple_of`` rounds sides (a ViT's patch size).
+        skip_unreadable_train: drop (and count) unreadable training images instead of stopping.
+        check_files: check on ``setup`` that every listed image file exists (one ``stat`` per image).
+        predict_lists: which lists ``predict`` runs over (default: all of them).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        features: str | None = None,
+        image_size: int = 224,
+        resize: ResizeMode = "longer_side",
+        multiple_of: int = 1,
+        skip_unreadable_train: bool = False,
+        check_files: bool = True,
+        predict_lists: Sequence[str] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_seed: int | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self.root = Path(root)
+        self.features = Path(features) if features is not None else None
+        self.transform = ImageTransform(image_size, resize, multiple_of)
+        self.skip_unreadable_train = skip_unreadable_train
+        self.check_files = check_files
+        self.predict_lists = list(predict_lists) if predict_lists is not None else None
+        self._lists: dict[str, ImageList] | None = None
+
+    # ---- to implement -----------------------------------------------------------------------------------
+    def read_lists(self) -> dict[str, ImageList]:
+        """Every list of the benchmark by name (validating the layout)."""
+        raise NotImplementedError
+
+    def eval_specs(self, stage: EvalStage) -> list[EvalSpec]:
+        raise NotImplementedError
+
+    def train_list(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} has no training split")
+
+    # ---- provided ---------------------------------------------------------------------------------------
+    @property
+    def lists(self) -> dict[str, ImageList]:
+        if self._lists is None:
+            self._lists = self.read_lists()
+        return self._lists
+
+    def setup(self, stage: str | None = None) -> None:
+        lists = self.lists  # reads and validates the published lists
+        if self.features is None and self.check_files:
+            for name in self._used_lists(stage):
+                self._check_images_exist(name, lists[name])
+
+    def _used_lists(self, stage: str | None) -> list[str]:
+        if stage == "predict":
+            return self.predict_list_names()
+        used = []
+        if stage in (None, "fit"):
+            try:
+                used.append(self.train_list())
+            except NotImplementedError:
+                pass
+        for eval_stage in {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, ["val", "test"]):
+            used += [name for spec in self.eval_specs(eval_stage) for name in spec.lists]
+        return list(dict.fromkeys(used))
+
+    def _check_images_exist(self, name: str, images: ImageList) -> None:
+        missing = [p for p in images.paths if not (self.root / p).is_file()]
+        if missing:
+            raise DatasetLayoutError(
+                f"{type(self).__name__}: {len(missing)} of {len(images)} images of list '{name}' are missing under "
+                f"{self.root}, e.g. {self.root / missing[0]}"
+                + (f"\nExpected layout:\n{self.expected_tree.rstrip()}" if getattr(self, "expected_tree", "") else "")
+            )
+
+    def dataset(self, name: str, train: bool = False) -> Dataset:
+        """The images of list ``name``, or its stored descriptors when ``features`` is set."""
+        if name not in self.lists:
+            raise ValueError(f"{type(self).__name__} has lists {sorted(self.lists)}, not {name!r}")
+        images = self.lists[name]
+        if self.features is None:
+            return ImageListDataset(self.root, images, self.transform, skip_unreadable=train and self.skip_unreadable_train)
+        store = FeatureStore(self.features / f"{name}.h5")
+        if store.ids != images.paths:
+            raise DatasetFormatError(
+                f"{store.path}: its {store.num_images} image ids do not match the {len(images)} images of list "
+                f"'{name}' under {self.root}; extract it again from these lists"
+            )
+        return EmbeddingDataset(store.global_descriptors(), images.paths, images.labels)
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Size of the stored global descriptors (``None`` when reading images)."""
+        if self.features is None:
+            return None
+        return FeatureStore(self.features / f"{self.predict_list_names()[0]}.h5").global_dim
+
+    def train_dataset(self) -> Dataset:
+        return self.dataset(self.train_list(), train=True)
+
+    def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
+        eval_sets = []
+        for spec in self.eval_specs(stage):
+            parts = [self.dataset(name) for name in spec.database]
+            database = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+            queries = self.dataset(spec.query) if spec.query else None
+            eval_sets.append(EvalSet(spec.name, database, spec.ground_truth, queries))
+        return eval_sets
+
+    def predict_list_names(self) -> list[str]:
+        names = self.predict_lists if self.predict_lists is not None else list(self.lists)
+        unknown = [n for n in names if n not in self.lists]
+        if unknown:
+            raise ValueError(f"predict_lists {unknown} are not lists of {type(self).__name__}: {sorted(self.lists)}")
+        return names
+
+    def predict_datasets(self) -> dict[str, Dataset]:
+        return {name: self.dataset(name) for name in self.predict_list_names()}
+
+    def collate_fn(self):
+        return collate_images if self.features is None else None

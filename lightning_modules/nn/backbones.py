@@ -1,0 +1,233 @@
+"""Frozen timm backbones as descriptor extractors: a global descriptor and weighted local descriptors per image.
+
+:func:`create_backbone` builds a timm model by short name or timm name, with weights from the timm hub
+(``pretrained=True``), from a local file (``checkpoint_path``, loaded through timm's own pretrained-weights
+path so the same conversions apply), or random (``pretrained=False``, for tests).
+
+:class:`DescriptorExtractor` turns images in ``[0, 1]`` into
+
+* a global descriptor: the CLS token (ViTs) or GeM over the patch tokens / feature map, L2-normalised;
+* local descriptors: the L2-normalised patch tokens (ViTs) or feature-map cells (CNNs), each with its
+  position in the image and a weight. Without a trained detector the weight is, as configured, the CLS
+  token's attention to the patch in the last block, averaged over heads (ViTs; the DINO saliency), or the
+  descriptor's norm before normalisation (any backbone, the DELF-style attention-free score).
+
+Several scales: the image is resized by each factor, global descriptors are averaged over scales and
+renormalised, local descriptors of all scales compete for the top-L by weight (``scale`` column = index of
+the scale factor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Short names of the supported backbones -> timm model names with their pretrained tag.
+BACKBONES = {
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "clip_vitb16": "vit_base_patch16_clip_224.openai",
+    "dino_vitb16": "vit_base_patch16_224.dino",
+    "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "resnet50": "resnet50.a1_in1k",
+    "resnet101": "resnet101.a1h_in1k",
+}
+GlobalPool = Literal["cls", "gem"]
+LocalWeight = Literal["cls_attention", "norm"]
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (offline, not cached, no local file)."""
+
+
+def create_backbone(
+    name: str, pretrained: bool = True, checkpoint_path: str | None = None, model_kwargs: dict | None = None
+) -> nn.Module:
+    """A timm backbone without classifier; ViTs accept any image size (multiples of the patch size)."""
+    import timm
+
+    timm_name = BACKBONES.get(name, name)
+    kwargs = {"num_classes": 0, **(model_kwargs or {})}
+    if "vit" in timm_name.split(".")[0]:
+        kwargs.setdefault("dynamic_img_size", True)
+    else:
+        kwargs.setdefault("global_pool", "")  # keep the feature map
+    if checkpoint_path is not None:
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"backbone checkpoint_path {checkpoint_path} not found")
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": checkpoint_path}, **kwargs)
+    if not pretrained:
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as error:  # hub errors come as many types (OSError, HTTP, LocalEntryNotFound, ...)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and " (HF_HUB_OFFLINE is set)" or ""
+        raise PretrainedWeightsUnavailable(
+            f"cannot load pretrained weights of {timm_name}{offline}: {type(error).__name__}. Run once online to "
+            f"cache them, or download them (huggingface-cli download timm/{timm_name}) and set "
+            "model.init_args.checkpoint_path to the weights file"
+        ) from None
+
+
+def gem(features: torch.Tensor, p: float = 3.0, dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised mean pooling (Radenovic et al.): ``mean(x^p)^(1/p)`` over ``dim``, on values clamped to eps."""
+    return features.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
+
+
+class DescriptorExtractor(nn.Module):
+    """Global and local descriptors of a frozen timm backbone (see the module docstring).
+
+    Args:
+        backbone: a timm ViT (``VisionTransformer``) or CNN with ``forward_features``.
+        global_pool: ``cls`` (ViTs) or ``gem``.
+        gem_p: GeM exponent.
+        num_local: local descriptors kept per image (0: none).
+        local_weight: ``cls_attention`` (ViTs) or ``norm``.
+        scales: image scale factors.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        global_pool: GlobalPool = "cls",
+        gem_p: float = 3.0,
+        num_local: int = 0,
+        local_weight: LocalWeight = "cls_attention",
+        scales: Sequence[float] = (1.0,),
+    ):
+        super().__init__()
+        import timm
+
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.is_vit = hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+        if global_pool not in ("cls", "gem"):
+            raise ValueError(f"global_pool must be 'cls' or 'gem', got {global_pool!r}")
+        if local_weight not in ("cls_attention", "norm"):
+            raise ValueError(f"local_weight must be 'cls_attention' or 'norm', got {local_weight!r}")
+        if not self.is_vit and (global_pool == "cls" or (num_local and local_weight == "cls_attention")):
+            raise ValueError(
+                f"{type(backbone).__name__} has no CLS token: use global_pool='gem' and local_weight='norm'"
+            )
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive factors, got {list(scales)}")
+        self.global_pool, self.gem_p = global_pool, gem_p
+        self.num_local, self.local_weight, self.scales = num_local, local_weight, tuple(scales)
+        config = timm.data.resolve_model_data_config(backbone)
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.patch_size = int(backbone.patch_embed.patch_size[0]) if self.is_vit else 32
+        self._attention_input: torch.Tensor | None = None
+        if self.is_vit and num_local and local_weight == "cls_attention":
+            backbone.blocks[-1].attn.register_forward_pre_hook(self._keep_attention_input)
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.num_features)
+
+    def _keep_attention_input(self, module, args) -> None:
+        self._attention_input = args[0]
+
+    def _cls_attention(self) -> torch.Tensor:
+        """``[B, tokens]`` attention of the CLS query in the last block, averaged over heads."""
+        attention = self.backbone.blocks[-1].attn
+        x = self._attention_input
+        batch, tokens, _ = x.shape
+        qkv = attention.qkv(x).reshape(batch, tokens, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
+        logits = (q[:, :, :1] * attention.scale) @ k.transpose(-2, -1)  # [B, heads, 1, tokens]
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+    def _one_scale(self, pixels: torch.Tensor):
+        """Global descriptor, local descriptors ``[B, N, D]``, weights ``[B, N]`` and the grid (h, w)."""
+        x = (pixels - self.mean) / self.std
+        if self.is_vit:
+            tokens = self.backbone.forward_features(x)
+            prefix = self.backbone.num_prefix_tokens
+            patches = tokens[:, prefix:]
+            grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+            cls = tokens[:, 0]
+        else:
+            feature_map = self.backbone.forward_features(x)
+            grid = tuple(feature_map.shape[2:])
+            patches = feature_map.flatten(2).transpose(1, 2)
+            cls = None
+        global_descriptor = cls if self.global_pool == "cls" else gem(patches, self.gem_p)
+        weights = None
+        if self.num_local:
+            if self.local_weight == "cls_attention":
+                weights = self._cls_attention()[:, self.backbone.num_prefix_tokens :]
+            else:
+                weights = patches.norm(dim=-1)
+        return F.normalize(global_descriptor, dim=-1), patches, weights, grid
+
+    def _resize(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+        if scale == 1.0:
+            return pixels
+        multiple = self.patch_size if self.is_vit else 1
+        size = [max(multiple, round(side * scale / multiple) * multiple) for side in pixels.shape[2:]]
+        return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, to_original: torch.Tensor | None = None):
+        """``(global [B, D], local [B, L, 5 + D] or None)`` for images ``[B, 3, H, W]`` in ``[0, 1]``.
+
+        ``to_original`` ``[B, 4]`` (scale_x, scale_y, offset_x, offset_y) maps input pixels to the original
+        image's, where the local descriptors' ``x, y`` are given.
+        """
+        height, width = pixels.shape[2:]
+        global_sum, candidates = 0.0, []
+        for scale_index, scale in enumerate(self.scales):
+            resized = self._resize(pixels, scale)
+            global_descriptor, patches, weights, (grid_h, grid_w) = self._one_scale(resized)
+            global_sum = global_sum + global_descriptor
+            if not self.num_local:
+                continue
+            # Cell centres in input pixels, row-major as the tokens.
+            # Cell size in resized pixels (a ViT's grid drops a side's remainder beyond the last whole patch),
+            # then back to input pixels.
+            resized_h, resized_w = resized.shape[2:]
+            cell_h, cell_w = (self.patch_size, self.patch_size) if self.is_vit else (resized_h / grid_h, resized_w / grid_w)
+            ys = (torch.arange(grid_h, device=pixels.device) + 0.5) * (cell_h * height / resized_h)
+            xs = (torch.arange(grid_w, device=pixels.device) + 0.5) * (cell_w * width / resized_w)
+            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+            positions = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1).expand(len(pixels), -1, -1)
+            if to_original is not None:
+                positions = positions * to_original[:, None, :2] + to_original[:, None, 2:]
+            columns = torch.cat(
+                [
+                    positions,
+                    torch.full_like(weights[..., None], float(scale_index)),
+                    torch.zeros_like(weights[..., None]),
+                    weights[..., None],
+                    F.normalize(patches, dim=-1),
+                ],
+                dim=-1,
+            )
+            candidates.append(columns)
+        global_descriptor = F.normalize(global_sum, dim=-1)
+        if not self.num_local:
+            return global_descriptor, None
+        return global_descriptor, top_weighted(torch.cat(candidates, dim=1), self.num_local)
+
+
+def top_weighted(local: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` rows of highest weight (column 4) per image, sorted by weight; missing rows are padding
+    (zeros with ``pad = 1``)."""
+    batch, available, columns = local.shape
+    keep = min(count, available)
+    order = local[..., 4].argsort(dim=1, descending=True, stable=True)[:, :keep]
+    top = local.gather(1, order[..., None].expand(-1, -1, columns))
+    if keep < count:
+        padding = local.new_zeros(batch, count - keep, columns)
+        padding[..., 3] = 1.0
+        top = torch.cat([top, padding], dim=1)
+    return top
