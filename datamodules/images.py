@@ -31,6 +31,7 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
 from datamodules.feature_store import EmbeddingDataset
+from datamodules.hf_images import HFImageSource
 from datamodules.layout import DatasetFormatError, DatasetLayoutError
 from retrieval.feature_store import FeatureStore
 from retrieval.ground_truth import GroundTruth
@@ -104,11 +105,9 @@ class ImageTransform:
         return pixels.float().div_(255), to_original
 
 
-def load_image(path: Path, box: Sequence[float] | None = None) -> Image.Image:
-    """Decode an image as RGB, cropped to ``box`` (x1, y1, x2, y2) the way the Revisited code does (PIL crop).
-
-    A file that cannot be decoded completely raises :class:`DatasetFormatError` naming it.
-    """
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB; one that cannot be decoded completely raises :class:`DatasetFormatError`
+    naming it."""
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")  # decodes fully: a truncated file fails here
@@ -116,20 +115,26 @@ def load_image(path: Path, box: Sequence[float] | None = None) -> Image.Image:
         raise DatasetLayoutError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DatasetFormatError(f"{path}: cannot be decoded as an image ({error}); expected a complete JPEG/PNG file") from error
-    if box is not None:
-        image = image.crop(tuple(float(v) for v in box))
     return image
 
 
 class ImageListDataset(Dataset):
-    """The images of an :class:`ImageList` under ``root``.
+    """The images of an :class:`ImageList` under ``root``, or from a Hugging Face dataset (``source``).
 
-    ``skip_unreadable``: return ``{"index", "unreadable": path}`` for a file that cannot be decoded instead of
+    Boxes crop the decoded image the way the Revisited code does (PIL ``crop``). ``skip_unreadable``: return ``{"index", "unreadable": path}`` for a file that cannot be decoded instead of
     raising; :func:`collate_images` drops it from the batch and counts it.
     """
 
-    def __init__(self, root: str | Path, images: ImageList, transform: ImageTransform, skip_unreadable: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        images: ImageList,
+        transform: ImageTransform,
+        skip_unreadable: bool = False,
+        source: HFImageSource | None = None,
+    ):
         self.root = Path(root)
+        self.source = source
         self.images = images
         self.transform = transform
         self.skip_unreadable = skip_unreadable
@@ -146,14 +151,15 @@ class ImageListDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        path = self.root / self.images.paths[index]
-        box = None if self.images.boxes is None else self.images.boxes[index]
+        image_id = self.images.paths[index]
         try:
-            image = load_image(path, box)
+            image = self.source.open(image_id) if self.source is not None else load_image(self.root / image_id)
         except (DatasetFormatError, DatasetLayoutError) as error:
             if not self.skip_unreadable:
                 raise
             return {"index": index, "unreadable": str(error)}
+        if self.images.boxes is not None:
+            image = image.crop(tuple(float(v) for v in self.images.boxes[index]))
         pixels, to_original = self.transform(image)
         example = {"index": index, "image": pixels, "to_original": to_original}
         if self.images.labels is not None:
@@ -185,6 +191,9 @@ class ImageBenchmark(RetrievalDataModule):
     Args:
         root: the dataset's root directory, in its published layout.
         features: directory of feature stores ``<list name>.h5`` to read instead of the images.
+        hf_images: read the pixels from a Hugging Face ``datasets`` dataset instead of the image files:
+            the arguments of :class:`~datamodules.hf_images.HFImageSource` (``path``, ``split``,
+            ``id_column``, ``image_column``, ``data_files``, ``revision``); the lists still come from ``root``.
         image_size, resize: see :class:`ImageTransform`; ``multiple_of`` rounds sides (a ViT's patch size).
         skip_unreadable_train: drop (and count) unreadable training images instead of stopping.
         check_files: check on ``setup`` that every listed image file exists (one ``stat`` per image).
@@ -195,6 +204,7 @@ class ImageBenchmark(RetrievalDataModule):
         self,
         root: str,
         features: str | None = None,
+        hf_images: dict | None = None,
         image_size: int = 224,
         resize: ResizeMode = "longer_side",
         multiple_of: int = 1,
@@ -209,6 +219,7 @@ class ImageBenchmark(RetrievalDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self.root = Path(root)
         self.features = Path(features) if features is not None else None
+        self.hf_images = HFImageSource(**hf_images) if hf_images else None
         self.transform = ImageTransform(image_size, resize, multiple_of)
         self.skip_unreadable_train = skip_unreadable_train
         self.check_files = check_files
@@ -253,11 +264,16 @@ class ImageBenchmark(RetrievalDataModule):
         return list(dict.fromkeys(used))
 
     def _check_images_exist(self, name: str, images: ImageList) -> None:
-        missing = [p for p in images.paths if not (self.root / p).is_file()]
+        if self.hf_images is not None:
+            missing = self.hf_images.missing(images.paths)
+            where, example = self.hf_images.source, missing[0] if missing else ""
+        else:
+            missing = [p for p in images.paths if not (self.root / p).is_file()]
+            where, example = self.root, self.root / missing[0] if missing else ""
         if missing:
             raise DatasetLayoutError(
-                f"{type(self).__name__}: {len(missing)} of {len(images)} images of list '{name}' are missing under "
-                f"{self.root}, e.g. {self.root / missing[0]}"
+                f"{type(self).__name__}: {len(missing)} of {len(images)} images of list '{name}' are missing in "
+                f"{where}, e.g. {example}"
                 + (f"\nExpected layout:\n{self.expected_tree.rstrip()}" if getattr(self, "expected_tree", "") else "")
             )
 
@@ -267,7 +283,8 @@ class ImageBenchmark(RetrievalDataModule):
             raise ValueError(f"{type(self).__name__} has lists {sorted(self.lists)}, not {name!r}")
         images = self.lists[name]
         if self.features is None:
-            return ImageListDataset(self.root, images, self.transform, skip_unreadable=train and self.skip_unreadable_train)
+            skip = train and self.skip_unreadable_train
+            return ImageListDataset(self.root, images, self.transform, skip_unreadable=skip, source=self.hf_images)
         store = FeatureStore(self.features / f"{name}.h5")
         if store.ids != images.paths:
             raise DatasetFormatError(

@@ -106,7 +106,8 @@ class RevisitedOxfordParis(ImageBenchmark):
     the two.
 
     The benchmark has no training split: ``train_on`` names the list an unsupervised method fits on, e.g.
-    ``rparis6k_database`` to test on Oxford, or ``revisitop1m``.
+    ``revisitop1m`` (the distractors, disjoint from both test sets; read even when ``distractors`` is off)
+    or ``rparis6k_database`` to test on Oxford only.
 
     Args:
         root: the directory holding ``roxford5k/``, ``rparis6k/`` and optionally ``revisitop1m/``.
@@ -141,7 +142,7 @@ class RevisitedOxfordParis(ImageBenchmark):
         for name, dataset in self.revisited.items():
             lists[f"{name}_query"] = ImageList(dataset.query_paths, boxes=dataset.query_boxes)
             lists[f"{name}_database"] = ImageList(dataset.database_paths)
-        if self.distractors:
+        if self.distractors or self.train_on == DISTRACTORS:
             self.distractor_paths = read_distractors(self.root)
             lists[DISTRACTORS] = ImageList(self.distractor_paths)
         return lists

@@ -2,6 +2,7 @@
 
 from lightning_modules.aesvc import AESVC
 from lightning_modules.base import ClosedFormModule, RetrievalModule
+from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.projections import PCAProjection, RawEmbedding
 
-__all__ = ["AESVC", "ClosedFormModule", "PCAProjection", "RawEmbedding", "RetrievalModule"]
+__all__ = ["AESVC", "ClosedFormModule", "FeatureExtractor", "PCAProjection", "RawEmbedding", "RetrievalModule"]

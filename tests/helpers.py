@@ -15,3 +15,17 @@ class KillAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAtPredictBatch(pl.Callback):
+    """SIGKILL the process when ``predict`` is about to start its ``batches``-th batch (counted over all
+    dataloaders): every earlier batch has been handed to the other callbacks."""
+
+    def __init__(self, batches: int):
+        self.batches = batches
+        self.started = 0
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.started >= self.batches:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.started += 1
