@@ -1,0 +1,268 @@
+"""Descriptor extraction: the descriptors themselves, then ``predict`` writing feature stores (reload,
+resume after a kill, 1 vs 2 processes) and the end-to-end path from images to a trained method's metrics."""
+
+import json
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+from layouts import write_distractors, write_revisited
+
+from lightning_modules.extraction import FeatureExtractor
+from lightning_modules.nn.backbones import gem, top_weighted
+from retrieval.feature_store import FeatureStore
+
+# A two-block ViT-S/14-shaped DINOv2 with random weights: fast on a CPU, same code path as the real one.
+TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 56}
+
+
+def tiny_extractor(**kwargs) -> FeatureExtractor:
+    torch.manual_seed(0)
+    return FeatureExtractor("dinov2_vits14", pretrained=False, model_kwargs=TINY_VIT, **kwargs)
+
+
+# ---- descriptors ------------------------------------------------------------------------------------------------
+
+
+def test_gem_on_a_hand_computed_case():
+    features = torch.tensor([[[1.0], [8.0]]])  # two positions, one channel
+    assert gem(features, p=3.0).item() == pytest.approx(((1 + 512) / 2) ** (1 / 3))
+    assert gem(features, p=1.0).item() == pytest.approx(4.5)
+
+
+def test_top_weighted_sorts_by_weight_and_pads():
+    local = torch.zeros(1, 3, 6)
+    local[0, :, 4] = torch.tensor([0.2, 0.9, 0.5])
+    local[0, :, 5] = torch.tensor([1.0, 2.0, 3.0])  # identifies the rows
+    top = top_weighted(local, 5)
+    assert top[0, :, 5].tolist() == [2.0, 3.0, 1.0, 0.0, 0.0]
+    assert top[0, :, 3].tolist() == [0, 0, 0, 1, 1]  # pad flags
+
+
+def test_local_positions_cover_the_patch_grid_in_original_pixels():
+    model = tiny_extractor(num_local=100, local_weight="norm")
+    image = torch.rand(1, 3, 28, 42)  # a 2 x 3 grid of 14-pixel patches
+    to_original = torch.tensor([[2.0, 3.0, 10.0, 0.0]])  # the input was resized by 1/2, 1/3 and shifted by 10
+    _, local = model.extractor(image, to_original)
+    assert local.shape == (1, 100, 5 + 48)
+    real = local[0, local[0, :, 3] == 0]
+    assert len(real) == 6
+    expected = {(10 + 2 * (7 + 14 * j), 3 * (7 + 14 * i)) for i in range(2) for j in range(3)}
+    assert {(round(x.item()), round(y.item())) for x, y in real[:, :2]} == expected
+    assert torch.all(real[:-1, 4] >= real[1:, 4])  # sorted by weight
+    torch.testing.assert_close(real[:, 5:].norm(dim=1), torch.ones(6))
+
+
+def test_cls_attention_weights_equal_the_attention_timm_computes():
+    model = tiny_extractor(num_local=16)
+    backbone = model.extractor.backbone
+    attention = backbone.blocks[-1].attn
+    captured = {}
+    attention.fused_attn = False  # the explicit path, whose probabilities pass through attn_drop
+    attention.attn_drop.register_forward_hook(lambda module, args, output: captured.update(p=output))
+    image = torch.rand(2, 3, 56, 56)
+    _, local = model.extractor(image)
+    probabilities = captured["p"].mean(dim=1)[:, 0, backbone.num_prefix_tokens :]  # CLS row, patch columns
+    expected, _ = probabilities.sort(dim=1, descending=True)
+    torch.testing.assert_close(local[:, :, 4], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_scale_global_is_the_renormalised_mean_of_the_scales():
+    image = torch.rand(1, 3, 56, 56)
+    multi = tiny_extractor(scales=[1.0, 0.5]).extractor(image)[0]
+    singles = [tiny_extractor(scales=[s]).extractor(image)[0] for s in (1.0, 0.5)]
+    torch.testing.assert_close(multi, F.normalize(singles[0] + singles[1], dim=-1))
+
+
+def test_weights_load_from_a_local_checkpoint_file(tmp_path):
+    model = tiny_extractor()
+    path = tmp_path / "weights.pth"
+    torch.save(model.extractor.backbone.state_dict(), path)
+    loaded = FeatureExtractor("dinov2_vits14", checkpoint_path=str(path), model_kwargs=TINY_VIT)
+    image = torch.rand(2, 3, 56, 56)
+    torch.testing.assert_close(loaded.extractor(image)[0], model.extractor(image)[0], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="checkpoint_path .*missing.pth not found"):
+        FeatureExtractor("dinov2_vits14", checkpoint_path=str(tmp_path / "missing.pth"))
+
+
+def test_resnet_has_no_cls_token():
+    with pytest.raises(ValueError, match="no CLS token: use global_pool='gem'"):
+        FeatureExtractor("resnet50", pretrained=False, model_kwargs={"layers": [1, 1, 1, 1]})
+
+
+# ---- predict: feature stores ------------------------------------------------------------------------------------
+
+GND = [{"easy": [0, 3], "hard": [5], "junk": [1]}, {"easy": [2], "hard": [4, 6], "junk": []}, {"easy": [7], "hard": [], "junk": [0]}]
+
+
+def write_extraction_config(path, output_dir="features/tiny/revisited", extra_trainer="", batch_size=1):
+    path.write_text(
+        f"""
+model:
+  class_path: lightning_modules.FeatureExtractor
+  init_args:
+    backbone: dinov2_vits14
+    pretrained: false
+    model_kwargs: {json.dumps(TINY_VIT)}
+    num_local: 6
+    scales: [1.0, 0.75]
+data:
+  class_path: datamodules.RevisitedOxfordParis
+  init_args:
+    root: data/revisited
+    distractors: true
+    image_size: 56
+    multiple_of: 14
+    eval_batch_size: {batch_size}
+predictions:
+  output_dir: {output_dir}
+  neighbours: 5
+trainer:
+  logger: false
+  enable_progress_bar: false
+{extra_trainer}"""
+    )
+    return path
+
+
+@pytest.fixture
+def revisited_layout(tmp_path):
+    for name in ("roxford5k", "rparis6k"):
+        write_revisited(tmp_path / "data/revisited", name, num_database=9, gnd=GND)
+    write_distractors(tmp_path / "data/revisited", 6)
+    return tmp_path
+
+
+def read_stores(directory) -> dict:
+    contents = {}
+    for path in sorted(directory.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            contents[path.name] = {name: f[name][()] for name in f} | {"config": f.attrs.get("config", "")}
+    return contents
+
+
+def assert_same_stores(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]), name
+        for key in a[name]:
+            assert np.array_equal(a[name][key], b[name][key]), f"{name}: {key} differs"
+
+
+LISTS = ["roxford5k_query", "roxford5k_database", "rparis6k_query", "rparis6k_database", "revisitop1m"]
+
+
+@pytest.mark.slow
+def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a_kill(revisited_layout):
+    workdir = revisited_layout
+    config = write_extraction_config(workdir / "extract.yaml")
+    run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    out = workdir / "features/tiny/revisited"
+    stores = read_stores(out)
+    assert sorted(stores) == sorted([f"{n}.h5" for n in LISTS] + ["roxford5k+1m_neighbours.h5", "rparis6k+1m_neighbours.h5"])
+    # Reload: the rows are the module's descriptors of the images, in list order.
+    from datamodules import RevisitedOxfordParis
+
+    data = RevisitedOxfordParis(str(workdir / "data/revisited"), distractors=True, image_size=56, multiple_of=14)
+    model = tiny_extractor(num_local=6, scales=[1.0, 0.75])
+    store = FeatureStore(out / "roxford5k_query.h5")
+    assert store.ids == data.lists["roxford5k_query"].paths and store.local_shape == (6, 5 + 48)
+    example = data.dataset("roxford5k_query")[2]
+    global_descriptor, local = model.extractor(example["image"][None], example["to_original"][None])
+    assert np.array_equal(store.global_descriptors()[2], global_descriptor[0].numpy())
+    assert np.array_equal(store.local_descriptors([2])[0], local[0].numpy().astype(np.float16))
+    # Neighbours: the exact top-5 of each query in database + distractors.
+    database = np.concatenate([FeatureStore(out / f"{n}.h5").global_descriptors() for n in ("roxford5k_database", "revisitop1m")])
+    scores = store.global_descriptors() @ database.T
+    neighbours = stores["roxford5k+1m_neighbours.h5"]
+    np.testing.assert_allclose(neighbours["scores"], -np.sort(-scores, axis=1)[:, :5], rtol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(scores, neighbours["indices"], axis=1), neighbours["scores"], rtol=1e-6)
+
+    # Running again finds everything written and changes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if "neighbours" not in p.name}
+    result = run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    assert "already written" in result.stdout + result.stderr
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if "neighbours" not in p.name}
+
+    # Killed after 20 of the 30 images (SIGKILL: no clean-up), then resumed: the same files as uninterrupted.
+    killed = write_extraction_config(
+        workdir / "killed.yaml",
+        output_dir="features/killed",
+        extra_trainer="  callbacks:\n    - class_path: helpers.KillAtPredictBatch\n      init_args: {batches: 20}\n",
+    )
+    result = run_cli("predict", "--config", str(killed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode == -9
+    partial = sorted(p.name for p in (workdir / "features/killed").iterdir())
+    assert "roxford5k_database.h5.partial" in partial and "revisitop1m.h5" not in partial
+    config_resume = write_extraction_config(workdir / "resume.yaml", output_dir="features/killed")
+    result = run_cli("predict", "--config", str(config_resume), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    assert "resuming extraction: 20 of 30 images already written" in result.stdout + result.stderr
+    assert_same_stores(read_stores(workdir / "features/killed"), stores)
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_write_identical_stores(revisited_layout):
+    workdir = revisited_layout
+    one = write_extraction_config(workdir / "one.yaml", output_dir="features/one")
+    two = write_extraction_config(
+        workdir / "two.yaml", output_dir="features/two", extra_trainer="  accelerator: cpu\n  devices: 2\n  strategy: ddp\n"
+    )
+    run_cli("predict", "--config", str(one), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    run_cli("predict", "--config", str(two), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    assert not (workdir / "features/two/.shards").exists()
+    assert_same_stores(read_stores(workdir / "features/one"), read_stores(workdir / "features/two"))
+
+
+@pytest.mark.slow
+def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_layout):
+    workdir = revisited_layout
+    config = write_extraction_config(workdir / "extract.yaml")
+    run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    (workdir / "aesvc.yaml").write_text(
+        """
+seed_everything: 0
+model:
+  class_path: lightning_modules.AESVC
+  init_args: {latent_dim: 8, hidden_dims: [32]}
+data:
+  class_path: datamodules.RevisitedOxfordParis
+  init_args:
+    root: data/revisited
+    features: features/tiny/revisited
+    train_on: revisitop1m
+    batch_size: 6
+trainer:
+  max_epochs: 2
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: runs/aesvc
+"""
+    )
+    run_cli("fit", "--config", "aesvc.yaml", cwd=workdir)
+    metrics = json.loads((workdir / "runs/aesvc/version_0/metrics.json").read_text())
+    for name in ("roxford5k", "rparis6k"):
+        for setup in ("easy", "medium", "hard"):
+            assert 0.0 < metrics[f"val/{name}/{setup}/mAP"] <= 1.0
+    expected_rop = np.mean([metrics[f"val/{n}/{s}/mAP"] for n in ("roxford5k", "rparis6k") for s in ("medium", "hard")])
+    assert metrics["val/rop/mAP"] == pytest.approx(expected_rop)
+    assert math.isfinite(metrics["val/rop/mAP"]) and os.path.isfile(workdir / "runs/aesvc/version_0/checkpoints/last.ckpt")
+
+
+def test_offline_without_weights_gives_a_one_line_error(tmp_path):
+    result = run_cli(
+        "predict",
+        "--config",
+        str(write_extraction_config(tmp_path / "x.yaml")),
+        "--model.init_args.pretrained=true",
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "cannot load pretrained weights of vit_small_patch14_dinov2.lvd142m (HF_HUB_OFFLINE is set)" in result.stderr
+    assert "model.init_args.checkpoint_path" in result.stderr
