@@ -1,5 +1,6 @@
 """The command line as a user runs it: configs, run directories, 1 vs 2 processes, crash and resume."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,12 +26,23 @@ def metrics_of(run_directory: Path) -> dict:
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_print_config_works_for_every_shipped_config(config, capsys):
+    subcommand = "predict" if config.parent.name == "extract" else "fit"
     with pytest.raises(SystemExit) as exit_info:
-        RetrievalCLI(args=["fit", "--config", str(config), "--print_config"])
+        RetrievalCLI(args=[subcommand, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
     assert "${" not in json.dumps(printed), "interpolations must be resolved"
+
+
+def test_extraction_configs_are_those_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("generate", CONFIGS / "extract/generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    expected = generate.expected_files()
+    assert sorted(expected) == sorted((CONFIGS / "extract").glob("*.yaml"))
+    for path, text in expected.items():
+        assert path.read_text() == text, f"{path.name} differs: run python configs/extract/generate.py"
 
 
 def test_interpolation_within_a_config_file(tmp_path, capsys):
