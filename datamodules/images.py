@@ -298,7 +298,11 @@ class ImageBenchmark(RetrievalDataModule):
         """Size of the stored global descriptors (``None`` when reading images)."""
         if self.features is None:
             return None
-        return FeatureStore(self.features / f"{self.predict_list_names()[0]}.h5").global_dim
+        try:
+            name = self.train_list()
+        except (NotImplementedError, ValueError):  # no training list: any list's store tells the size
+            name = next(iter(self.lists))
+        return FeatureStore(self.features / f"{name}.h5").global_dim
 
     def train_dataset(self) -> Dataset:
         return self.dataset(self.train_list(), train=True)
