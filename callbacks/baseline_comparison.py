@@ -18,7 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.retrieval_evaluation import _retrieval_datamodule, format_table, score_eval_sets
-from lightning_modules.base import ClosedFormModule, RetrievalModule, sum_over_processes
+from lightning_modules.base import ClosedFormModule, RetrievalModule, method_name, sum_over_processes
 from retrieval.files import write_text_atomic
 
 
@@ -64,10 +64,6 @@ class BaselineComparison(pl.Callback):
                 logger.log_table(key=f"{self.stage}/comparison", columns=columns, data=table)
 
 
-def method_name(module: RetrievalModule) -> str:
-    return getattr(module, "method_name", type(module).__name__)
-
-
 def _prepare(trainer, batch, device):
     """A batch as the training loop hands it to a module: on its device, in the run's precision."""
     return trainer.precision_plugin.convert_input(move_data_to_device(batch, device))
@@ -95,6 +91,8 @@ def evaluate_module(trainer, module: RetrievalModule, datamodule, stage: str) ->
                 for batch in loader
             ]
     module.train(was_training)
-    metrics = score_eval_sets(trainer, datamodule, stage, lambda i: outputs[i], cosine_variance=True)
+    metrics = score_eval_sets(
+        trainer, datamodule, stage, lambda i: outputs[i], cosine_variance=True, size_views=module.size_views()
+    )
     prefix = f"{stage}/"
     return {key.removeprefix(prefix): value for key, value in metrics.items()}

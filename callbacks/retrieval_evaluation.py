@@ -6,8 +6,12 @@ score every evaluation set with its ground truth, shares the numbers with all pr
 ``<stage>/<eval set>/<metric>``. Because the gathered embeddings are the same whatever the number of
 processes, 1 and N processes log the same metrics.
 
+For a method with embeddings of several sizes (:meth:`RetrievalModule.size_views`) every size is scored
+from the same gathered embeddings and logged as ``<stage>/<eval set>/<metric>@d<size>``.
+
 At the end of ``fit``, ``validate`` and ``test`` it prints a table of the stage's metrics and writes
-``metrics.json`` into the run directory.
+``metrics.json`` (with the method's name) into the run directory; with several sizes it also draws metric
+against size into ``size_curves_<stage>.png`` there and logs the same table and line plots to W&B.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.base import EvalSet, RetrievalDataModule
+from lightning_modules.base import method_name
 from retrieval.diagnostics import cosine_similarity_variance
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.files import write_text_atomic
+from retrieval.run_results import METHOD_KEY
+from retrieval.size_curves import curves_from_metrics, plot_size_curves
 
 # Rows per gather call, so gathering a large database never holds it whole on an accelerator.
 GATHER_CHUNK_ROWS = 32768
@@ -73,7 +81,13 @@ class RetrievalEvaluation(pl.Callback):
         outputs = dict(self._outputs)
         self._outputs.clear()
         metrics = score_eval_sets(
-            trainer, datamodule, stage, lambda i: outputs.get(i, []), self.progress, self.cosine_variance
+            trainer,
+            datamodule,
+            stage,
+            lambda i: outputs.get(i, []),
+            self.progress,
+            self.cosine_variance,
+            pl_module.size_views(),
         )
         for key, value in metrics.items():
             # Values are identical on all processes; sync_dist only keeps Lightning's epoch logging consistent.
@@ -82,24 +96,46 @@ class RetrievalEvaluation(pl.Callback):
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "val")
+        self._report(trainer, pl_module, "val")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
-            self._report(trainer, "val")
+            self._report(trainer, pl_module, "val")
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "test")
+        self._report(trainer, pl_module, "test")
 
-    def _report(self, trainer, stage: str) -> None:
+    def _report(self, trainer, pl_module, stage: str) -> None:
         metrics = self.last_metrics.get(stage)
         if not metrics or not trainer.is_global_zero:
             return
         print(format_table(["metric", "value"], [[k, v] for k, v in metrics.items()], title=f"{stage} metrics"))
-        path = Path(trainer.default_root_dir) / self.metrics_file
+        run_directory = Path(trainer.default_root_dir)
+        path = run_directory / self.metrics_file
         saved = json.loads(path.read_text()) if path.is_file() else {}
         saved.update(metrics)
+        saved[METHOD_KEY] = method_name(pl_module)  # names the run's line in `compare`
         write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        curves = curves_from_metrics(metrics, stage)
+        if curves:
+            plot_size_curves({method_name(pl_module): curves}, run_directory / f"size_curves_{stage}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_size_curves_to_wandb(logger.experiment, method_name(pl_module), curves, stage)
+
+
+def log_size_curves_to_wandb(experiment, method: str, curves: dict[str, dict[int, float]], stage: str) -> None:
+    """The method's name in the run summary; with per-size metrics, a table and a line plot of each against size."""
+    import wandb
+
+    experiment.summary[METHOD_KEY] = method
+    if not curves:
+        return
+    metrics = list(curves)
+    sizes = sorted({size for by_size in curves.values() for size in by_size})
+    table = wandb.Table(columns=["size", *metrics], data=[[s, *(curves[m].get(s) for m in metrics)] for s in sizes])
+    plots = {f"{stage}/size_curve/{m}": wandb.plot.line(table, "size", m, title=f"{m} vs embedding size") for m in metrics}
+    experiment.log({f"{stage}/size_table": table, **plots})
 
 
 def score_eval_sets(
@@ -109,12 +145,15 @@ def score_eval_sets(
     outputs_of,
     progress: bool = False,
     cosine_variance: bool = False,
+    size_views: dict[int, slice] | None = None,
 ) -> dict[str, float]:
     """Metrics of every evaluation set of ``stage`` from per-dataloader ``[(index, embeddings), ...]``.
 
     ``outputs_of(dataloader_idx)`` returns this process's outputs for that dataloader. All processes must
     call this (it gathers); rank 0 scores and shares the result. ``cosine_variance`` adds ``cos_var``, the
-    variance of the cosine similarity of random database pairs (ideal ``1/dim``).
+    variance of the cosine similarity of random database pairs (ideal ``1/dim``). With ``size_views``
+    (:meth:`RetrievalModule.size_views`) every size is scored from the same gathered embeddings and logged as
+    ``<stage>/<set>/<metric>@d<size>``; the unsuffixed keys repeat the largest size.
     """
     gathered: dict[tuple[str, str], np.ndarray] = {}
     eval_sets: dict[str, EvalSet] = {}
@@ -125,14 +164,33 @@ def score_eval_sets(
     metrics: dict[str, float] = {}
     if trainer.is_global_zero:
         for name, eval_set in eval_sets.items():
-            scores = evaluate_embeddings(
-                gathered.get((name, "query")), gathered[(name, "database")], eval_set.ground_truth, progress=progress
-            )
-            if cosine_variance:
-                scores["cos_var"] = cosine_similarity_variance(gathered[(name, "database")])
-            metrics.update({f"{stage}/{name}/{metric}": value for metric, value in scores.items()})
+            for suffix, columns in _size_columns(size_views):
+                queries, database = (_unit_rows(gathered.get((name, role)), columns) for role in ("query", "database"))
+                scores = evaluate_embeddings(queries, database, eval_set.ground_truth, progress=progress)
+                if cosine_variance:
+                    scores["cos_var"] = cosine_similarity_variance(database)
+                metrics.update({f"{stage}/{name}/{metric}{suffix}": value for metric, value in scores.items()})
+            if size_views:  # the plain keys are the largest size's, so monitors and sweeps work for every method
+                prefix, largest = f"{stage}/{name}/", f"@d{max(size_views)}"
+                of_largest = {k: v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(largest)}
+                metrics.update({k.removesuffix(largest): v for k, v in of_largest.items()})
         metrics.update(datamodule.summary_metrics(stage, metrics))
     return trainer.strategy.broadcast(metrics, src=0)
+
+
+def _size_columns(size_views: dict[int, slice] | None) -> list[tuple[str, slice | None]]:
+    """``(metric key suffix, columns)`` of every size to evaluate; one unsuffixed entry for a single size."""
+    if not size_views:
+        return [("", None)]
+    return [(f"@d{size}", columns) for size, columns in sorted(size_views.items())]
+
+
+def _unit_rows(embeddings: np.ndarray | None, columns: slice | None) -> np.ndarray | None:
+    """The embedding of one size: its columns, L2-normalised again (a prefix of a unit vector is not one)."""
+    if embeddings is None or columns is None:
+        return embeddings
+    part = embeddings[:, columns]
+    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
 
 
 def gather_by_index(trainer, outputs: list[tuple[torch.Tensor, torch.Tensor]], expected: int, what: str) -> np.ndarray:

@@ -1,8 +1,22 @@
 """One LightningModule per method; ``cli.py`` is the entry point."""
 
-from lightning_modules.aesvc import AESVC
+from lightning_modules.aesvc import AESVC, AESVCPerSize, MatryoshkaAESVC
 from lightning_modules.base import ClosedFormModule, RetrievalModule
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.projections import PCAProjection, RawEmbedding
+from lightning_modules.ss2d import SS2D, SSD
+from lightning_modules.vae import VAEPerSize
 
-__all__ = ["AESVC", "ClosedFormModule", "FeatureExtractor", "PCAProjection", "RawEmbedding", "RetrievalModule"]
+__all__ = [
+    "AESVC",
+    "AESVCPerSize",
+    "ClosedFormModule",
+    "FeatureExtractor",
+    "MatryoshkaAESVC",
+    "PCAProjection",
+    "RawEmbedding",
+    "RetrievalModule",
+    "SS2D",
+    "SSD",
+    "VAEPerSize",
+]

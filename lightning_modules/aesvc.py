@@ -10,6 +10,12 @@ Choices where the paper is silent (all configurable): loss weights 25 / 1 / 15 /
 covariance / variance / mean and an MLP encoder with a mirrored decoder follow the public reproduction;
 reconstruction is the mean squared error; the constraints use population statistics of the *global* batch
 (gathered across processes, so 1 and N GPUs optimise the same loss).
+
+Variants for embeddings of several sizes, evaluated at every size by the same evaluation:
+:class:`AESVCPerSize` (one independent AE-SVC per size, trained side by side in one run: with separate
+parameters, the summed loss gives each the updates of its own run) and :class:`MatryoshkaAESVC` (our own
+variant: one AE-SVC whose latent prefixes each reconstruct the input and satisfy the constraints).
+``AESVC(prefix_sizes=...)`` evaluates a single AE-SVC truncated to smaller sizes (the paper's baseline).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import LRSchedule, RetrievalModule
+from lightning_modules.base import LRSchedule, RetrievalModule, concatenated_views, nested_views
 from lightning_modules.nn import gather_with_grad, mlp, variance_constraint_losses
+from lightning_modules.nn.similarity_distillation import NestedEmbedding, SeparateEmbeddings, check_sizes
 from lightning_modules.nn.variance_constraints import CovarianceTarget
 from retrieval.diagnostics import RunningMoments, constraint_errors, cosine_similarities_of_pairs
 
@@ -38,6 +45,7 @@ class AESVC(RetrievalModule):
             decorrelates (the variance term then alone sets the diagonal).
         normalize_input: L2-normalise the input embeddings before encoding.
         lr, weight_decay, lr_schedule: AdamW settings.
+        prefix_sizes: also evaluate the latent truncated to each of these sizes (logged with ``@d<size>``).
     """
 
     method_name = "AE-SVC"
@@ -57,9 +65,12 @@ class AESVC(RetrievalModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: LRSchedule = "constant",
+        prefix_sizes: Sequence[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if prefix_sizes is not None:
+            check_sizes(prefix_sizes, latent_dim, "prefix_sizes")
         self.encoder: torch.nn.Module | None = None
         self.decoder: torch.nn.Module | None = None
         self._moments = RunningMoments(latent_dim)
@@ -90,6 +101,10 @@ class AESVC(RetrievalModule):
     def retrieval_dim(self) -> int:
         return self.hparams.latent_dim
 
+    def size_views(self) -> dict[int, slice] | None:
+        sizes = self.hparams.get("prefix_sizes")
+        return nested_views(sorted({*sizes, self.hparams.latent_dim})) if sizes else None
+
     def _inputs(self, batch) -> torch.Tensor:
         x = batch["embedding"]
         return F.normalize(x, dim=-1) if self.hparams.normalize_input else x
@@ -101,26 +116,45 @@ class AESVC(RetrievalModule):
     def embed(self, batch) -> torch.Tensor:
         return F.normalize(self.encode(self._inputs(batch)), dim=-1)
 
+    def latents_by_size(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The latent of every trained size (one here)."""
+        return {self.hparams.latent_dim: z}
+
+    def decode(self, size: int, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
         x = self._inputs(batch)
         z = self.encode(x)
-        reconstruction = F.mse_loss(self.decoder(z), x)
-        z_global = gather_with_grad(z)
-        constraints = variance_constraint_losses(z_global, hp.covariance_target)
-        loss = (
-            hp.reconstruction_weight * reconstruction
-            + hp.covariance_weight * constraints["covariance"]
-            + hp.variance_weight * constraints["variance"]
-            + hp.mean_weight * constraints["mean"]
-        )
-        terms = {"loss": loss, "reconstruction": reconstruction, **constraints}
+        parts = self.latents_by_size(z)
+        loss, terms = 0.0, {}
+        for size, z_part in parts.items():
+            part_loss, part_terms, z_global = self._part_loss(x, z_part, self.decode(size, z_part))
+            loss = loss + part_loss
+            suffix = f"@d{size}" if len(parts) > 1 else ""
+            terms.update({f"{name}{suffix}": value for name, value in part_terms.items()})
+        terms = {"loss": loss, **terms}
         self.stop_if_not_finite(loss, terms)
         for name, value in terms.items():
             # The reconstruction is per-process, the constraint terms are global: averaging is right for both.
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, sync_dist=True)
-        self._observe_latents(z_global.detach())
+        if len(parts) == 1:
+            self._observe_latents(z_global.detach())
         return loss
+
+    def _part_loss(self, x: torch.Tensor, z: torch.Tensor, reconstruction: torch.Tensor):
+        """The AE-SVC loss of one latent and its reconstruction, its terms, and the latent of the global batch."""
+        hp = self.hparams
+        reconstruction_error = F.mse_loss(reconstruction, x)
+        z_global = gather_with_grad(z)
+        constraints = variance_constraint_losses(z_global, hp.covariance_target)
+        loss = (
+            hp.reconstruction_weight * reconstruction_error
+            + hp.covariance_weight * constraints["covariance"]
+            + hp.variance_weight * constraints["variance"]
+            + hp.mean_weight * constraints["mean"]
+        )
+        return loss, {"reconstruction": reconstruction_error, **constraints}, z_global
 
     # ---- per-epoch diagnostics of the latent distribution --------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -151,10 +185,74 @@ class AESVC(RetrievalModule):
         diagnostics = constraint_errors(self._moments)
         mean = total / count
         diagnostics["cos_var"] = (squares - count * mean**2) / (count - 1)
-        diagnostics["cos_var_ideal"] = 1.0 / self.hparams.latent_dim
+        diagnostics["cos_var_ideal"] = 1.0 / self._moments.dim
         for name, value in diagnostics.items():
             self.log(f"train/{name}", value, sync_dist=True)  # identical on every process
 
     def configure_optimizers(self):
         hp = self.hparams
         return self.build_optimizer(hp.lr, hp.weight_decay, hp.lr_schedule)
+
+
+class AESVCPerSize(AESVC):
+    """One independent AE-SVC per size in ``sizes``, trained side by side in one run (a baseline of (SS)2D).
+
+    The networks share nothing, so the summed loss gives each one the gradient, and with AdamW the updates,
+    of its own run on the same batches. Other arguments: as :class:`AESVC`.
+    """
+
+    method_name = "AE-SVC per size"
+    nested = False
+
+    def __init__(self, sizes: Sequence[int] = (8, 16, 32, 64, 128, 256), **kwargs):
+        super().__init__(latent_dim=check_sizes(sizes)[-1], **kwargs)
+        self._hparams.pop("latent_dim")  # the sizes say it all
+
+    @property
+    def sizes(self) -> list[int]:
+        return check_sizes(self.hparams.sizes)
+
+    def _build(self, input_dim: int) -> None:
+        hp = self.hparams
+        decoder_hidden = hp.decoder_hidden_dims if hp.decoder_hidden_dims is not None else list(hp.hidden_dims)[::-1]
+        kind = NestedEmbedding if self.nested else SeparateEmbeddings
+        self.encoder = kind(input_dim, self.sizes, hp.hidden_dims)
+        decoder_inputs = [self.sizes[-1]] if self.nested else self.sizes
+        self.decoder = torch.nn.ModuleList(mlp(size, decoder_hidden, input_dim) for size in decoder_inputs)
+        self.hparams["input_dim"] = input_dim
+
+    @property
+    def retrieval_dim(self) -> int:
+        return self.sizes[-1]
+
+    def size_views(self) -> dict[int, slice]:
+        return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
+
+    def embed(self, batch) -> torch.Tensor:
+        parts = self.latents_by_size(self.encode(self._inputs(batch)))
+        if self.nested:
+            return F.normalize(parts[self.sizes[-1]], dim=-1)
+        return torch.cat([F.normalize(part, dim=-1) for part in parts.values()], dim=-1)
+
+    def latents_by_size(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.encoder.by_size(z)
+
+    def decode(self, size: int, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder[self.sizes.index(size)](z)
+
+
+class MatryoshkaAESVC(AESVCPerSize):
+    """Our own variant: ONE AE-SVC whose latent prefix of every size in ``sizes`` reconstructs the input and
+    satisfies the three constraints (the loss sums the AE-SVC loss of every prefix, as Matryoshka
+    representation learning sums its task loss over nested sizes).
+
+    A prefix is decoded by the one decoder with the later latent dimensions set to zero, their target mean.
+    (Constraints on the full latent alone would already hold on every prefix, since a prefix's covariance is a
+    block of the full one; what makes the prefixes good embeddings is that each must reconstruct the input.)
+    """
+
+    method_name = "Matryoshka AE-SVC"
+    nested = True
+
+    def decode(self, size: int, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder[0](F.pad(z, (0, self.sizes[-1] - size)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -27,6 +30,12 @@ class RetrievalModule(pl.LightningModule):
     @property
     def retrieval_dim(self) -> int | None:
         """Size of the retrieval embedding, for reports; ``None`` when not known yet."""
+        return None
+
+    def size_views(self) -> dict[int, slice] | None:
+        """For a method with embeddings of several sizes: the columns of :meth:`embed`'s output that form the
+        embedding of each size (each is L2-normalised and evaluated on its own, logged with ``@d<size>``).
+        ``None``: one size, the whole output."""
         return None
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
@@ -78,6 +87,48 @@ class RetrievalModule(pl.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def method_name(module: RetrievalModule) -> str:
+    """The display name of a method (its ``method_name``, else its class name)."""
+    return getattr(module, "method_name", type(module).__name__)
+
+
+def nested_views(sizes) -> dict[int, slice]:
+    """Sizes that are prefixes of one embedding: size ``m`` is its first ``m`` columns."""
+    return {size: slice(0, size) for size in sizes}
+
+
+def concatenated_views(sizes) -> dict[int, slice]:
+    """Independent embeddings of each size, concatenated in the order of ``sizes``."""
+    ends = torch.tensor(list(sizes)).cumsum(0).tolist()
+    return {size: slice(end - size, end) for size, end in zip(sizes, ends)}
+
+
+def load_frozen_module(checkpoint_path: str | os.PathLike, what: str = "checkpoint") -> RetrievalModule:
+    """A method rebuilt from a checkpoint written by this framework, in eval mode with gradients off.
+
+    The file is only read. ``what`` names the checkpoint's role in error messages (e.g. ``teacher_checkpoint``).
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (expected a .ckpt file written by `fit`)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{what} {path} is not a readable PyTorch checkpoint: {error}") from None
+    class_path = checkpoint.get(MODEL_CLASS_KEY) if isinstance(checkpoint, dict) else None
+    if not class_path or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{what} {path} is not a checkpoint of this framework: it has no '{MODEL_CLASS_KEY}' and 'state_dict' "
+            "entries (expected a .ckpt written by `python -m lightning_modules.cli fit`)"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    module = cls(**checkpoint.get("hyper_parameters", {}))
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval().requires_grad_(False)
 
 
 def sum_over_processes(strategy):

@@ -1,4 +1,6 @@
-"""Command line: ``python -m lightning_modules.cli {fit,validate,test,predict} --config <yaml> [--key=value ...]``.
+"""Command line: ``python -m lightning_modules.cli {fit,validate,test,predict} --config <yaml> [--key=value ...]``,
+and ``python -m lightning_modules.cli compare RUN [RUN ...]`` (accuracy against embedding size of finished runs,
+:mod:`retrieval.size_curves`).
 
 LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf interpolation inside a config file
 (``${model.init_args.latent_dim}``). On top of Lightning's CLI:
@@ -13,6 +15,7 @@ LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf i
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from callbacks.run_config import SaveRunConfig
 from datamodules.base import RetrievalDataModule
 from lightning_modules.base import MODEL_CLASS_KEY, RetrievalModule
 from lightning_modules.run_directory import choose_run_directory, export_run_directory, prepare_run
+from retrieval import size_curves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # OmegaConf interpolation within a config file. (Interpolating across files and command-line overrides,
@@ -120,6 +124,10 @@ def default_run_root(config) -> Path:
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:  # not a Lightning subcommand: plots finished runs against embedding size
+        size_curves.main(argv[1:])
+        return
     RetrievalCLI(args=args)
 
 

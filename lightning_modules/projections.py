@@ -7,10 +7,13 @@ All three go through the same evaluation as every other method.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import ClosedFormModule
+from lightning_modules.base import ClosedFormModule, nested_views
+from lightning_modules.nn.similarity_distillation import check_sizes
 from retrieval.diagnostics import RunningMoments
 
 
@@ -46,13 +49,21 @@ class PCAProjection(ClosedFormModule):
             ``BaselineComparison``, which sets it to the compared method's size.
         whiten: divide each component by its standard deviation (PCA-whitening).
         eps: added to the eigenvalues before whitening, for numerically zero-variance directions.
+        sizes: evaluate the projection truncated to each of these sizes (the PCA prefix baseline of (SS)2D:
+            components are sorted by variance, so a prefix is the PCA of that size); ``dim`` defaults to the
+            largest.
 
     The mean and covariance are accumulated in float64 over the whole training set (summed over processes)
     and decomposed once; the fitted mean and projection are buffers, saved in checkpoints.
     """
 
-    def __init__(self, dim: int | None = None, whiten: bool = False, eps: float = 1e-8):
+    def __init__(
+        self, dim: int | None = None, whiten: bool = False, eps: float = 1e-8, sizes: Sequence[int] | None = None
+    ):
         super().__init__()
+        if sizes is not None:
+            sizes = check_sizes(sizes, dim, "sizes")
+            dim = sizes[-1] if dim is None else dim
         self.save_hyperparameters()
         # Sized when fitted (or when a checkpoint is loaded).
         self.register_buffer("mean", torch.zeros(0))
@@ -67,6 +78,10 @@ class PCAProjection(ClosedFormModule):
     @property
     def retrieval_dim(self) -> int:
         return self.hparams.dim
+
+    def size_views(self) -> dict[int, slice] | None:
+        sizes = self.hparams.get("sizes")
+        return nested_views(sizes) if sizes else None
 
     def reset_statistics(self) -> None:
         self._moments = None

@@ -27,7 +27,8 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, 
     ``env`` entries are added to the environment; a ``None`` value removes the variable.
     """
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    for name, value in {"RETRIEVAL_RUN_DIR": None, **(env or {})}.items():
+    # WANDB_SERVICE: a W&B service started by an in-process test must not be shared with the subprocess.
+    for name, value in {"RETRIEVAL_RUN_DIR": None, "WANDB_SERVICE": None, **(env or {})}.items():
         if value is None:
             environment.pop(name, None)
         else:

@@ -1,0 +1,105 @@
+"""Similarity-space distillation of (SS)2D and SSD (Omama, Li, Chinchali, ICLR 2025) as plain torch blocks.
+
+For a batch, every row of the teacher's cosine-similarity matrix, divided by a temperature ``tau``, is turned
+into a distribution over the other examples by a softmax; the student's row for the same example, computed on
+its first ``m`` dimensions, is pushed towards it:
+
+    loss_m = mean_i KL( softmax(T_i / tau) || softmax(S^m_i / tau) ),   loss = sum_m w_m * loss_m
+
+The similarity of an example with itself is 1 for every model and carries no information; by default
+(``diagonal="mask"``) it is left out of both distributions, ``"keep"`` keeps it (the paper does not say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.nn.mlp import mlp
+
+DiagonalHandling = Literal["mask", "keep"]
+
+
+def similarity_log_distribution(embeddings: torch.Tensor, temperature: float, diagonal: DiagonalHandling) -> torch.Tensor:
+    """Row-wise ``log_softmax(cos_sim / temperature)`` of a batch ``[n, d]``; a masked diagonal gets ``-inf``."""
+    if diagonal not in ("mask", "keep"):
+        raise ValueError(f"diagonal must be 'mask' or 'keep', got {diagonal!r}")
+    unit = F.normalize(embeddings, dim=-1)
+    logits = unit @ unit.T / temperature
+    if diagonal == "mask":
+        logits = logits.masked_fill(torch.eye(len(logits), dtype=torch.bool, device=logits.device), float("-inf"))
+    return logits.log_softmax(dim=-1)
+
+
+def similarity_distillation_loss(
+    teacher: torch.Tensor, student: torch.Tensor, temperature: float = 0.05, diagonal: DiagonalHandling = "mask"
+) -> torch.Tensor:
+    """Mean over rows of ``KL(softmax(teacher row / tau) || softmax(student row / tau))``."""
+    if len(teacher) != len(student):
+        raise ValueError(f"teacher and student batches differ in size: {len(teacher)} vs {len(student)}")
+    if len(teacher) < 2 + (diagonal == "mask"):
+        raise ValueError("similarity distillation needs a batch of at least 3 examples")
+    log_p = similarity_log_distribution(teacher.detach(), temperature, diagonal)
+    log_q = similarity_log_distribution(student, temperature, diagonal)
+    p = log_p.exp()
+    # 0 * log 0 := 0, including the masked diagonal (-inf - -inf would be NaN).
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(dim=-1).mean()
+
+
+def multi_size_distillation_losses(
+    teacher: torch.Tensor,
+    students: Mapping[int, torch.Tensor],
+    temperature: float = 0.05,
+    diagonal: DiagonalHandling = "mask",
+) -> dict[int, torch.Tensor]:
+    """``{m: loss_m}`` for the student embedding of each size ``m``."""
+    return {size: similarity_distillation_loss(teacher, s, temperature, diagonal) for size, s in students.items()}
+
+
+def check_sizes(sizes: Sequence[int], largest_allowed: int | None = None, what: str = "sizes") -> list[int]:
+    """``sizes`` as a list of strictly increasing positive integers, or a ``ValueError`` saying why not."""
+    sizes = [int(s) for s in sizes]
+    if not sizes or any(s <= 0 for s in sizes) or sorted(set(sizes)) != sizes:
+        raise ValueError(f"{what} must be strictly increasing positive integers, got {sizes}")
+    if largest_allowed is not None and sizes[-1] > largest_allowed:
+        raise ValueError(f"{what}: the largest size {sizes[-1]} exceeds the {largest_allowed} available dimensions")
+    return sizes
+
+
+class NestedEmbedding(nn.Module):
+    """One network whose output's first ``m`` dimensions are the embedding of size ``m``, for every ``m``.
+
+    ``hidden_dims=()`` is a linear map; otherwise an MLP with ReLU (no activation on the output).
+    """
+
+    def __init__(self, input_dim: int, sizes: Sequence[int], hidden_dims: Sequence[int] = ()):
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        self.network = mlp(input_dim, hidden_dims, self.sizes[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def by_size(self, output: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The embedding of every size, as prefixes of one output (views, no other forward)."""
+        return {size: output[..., :size] for size in self.sizes}
+
+
+class SeparateEmbeddings(nn.Module):
+    """One independent network per size (SSD, and the per-size baselines); the output concatenates them."""
+
+    def __init__(self, input_dim: int, sizes: Sequence[int], hidden_dims: Sequence[int] = ()):
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        self.networks = nn.ModuleList(mlp(input_dim, hidden_dims, size) for size in self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([network(x) for network in self.networks], dim=-1)
+
+    def by_size(self, output: torch.Tensor) -> dict[int, torch.Tensor]:
+        return dict(zip(self.sizes, output.split(self.sizes, dim=-1)))
