@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,26 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, 
 def cli_workdir(tmp_path):
     """A working directory where runs and generated data go."""
     return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_two_processes(worker, *args) -> dict:
+    """``{rank: result}`` of ``worker(rank, port, *args, queue)`` run in 2 spawned processes; the worker puts
+    ``(rank, result)`` on the queue (numpy arrays: tensors would be shared through a file descriptor of an
+    exiting process)."""
+    import torch.multiprocessing as mp
+
+    context, port = mp.get_context("spawn"), free_port()
+    queue = context.Queue()
+    processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    return results

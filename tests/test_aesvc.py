@@ -1,13 +1,12 @@
 """AE-SVC losses, the linear baselines' closed forms, and the global-batch gradient under DDP."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_in_two_processes
 from lightning_modules import AESVC, PCAProjection
 from lightning_modules.nn import gather_with_grad, variance_constraint_losses
 from retrieval.diagnostics import RunningMoments, constraint_errors, cosine_similarity_variance
@@ -114,30 +113,13 @@ def _two_process_gradients(rank, port, x, state, queue):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gathered_constraints_give_the_single_process_gradient_under_ddp():
     torch.manual_seed(0)
     x = torch.randn(64, 6, dtype=torch.float64) * torch.arange(1, 7)
     model = torch.nn.Linear(6, 3).double()
     global_batch_loss(model, x).backward()
     expected = [p.grad.clone() for p in model.parameters()]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_two_process_gradients, args=(r, free_port_once, x, model.state_dict(), queue))
-        for free_port_once in [free_port()]
-        for r in range(2)
-    ]
-    for p in processes:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
-    for p in processes:
-        p.join(timeout=60)
+    results = run_in_two_processes(_two_process_gradients, x, model.state_dict())
     for rank in range(2):
         for got, want in zip(results[rank], expected):
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.retrieval_evaluation import _size_columns, _unit_rows
+from conftest import run_in_two_processes
 from datamodules.feature_store import LabelledFeatureStores
 from lightning_modules import AESVC, SS2D, SSD, AESVCPerSize, MatryoshkaAESVC, PCAProjection, VAEPerSize
 from lightning_modules.nn.similarity_distillation import similarity_distillation_loss
@@ -285,3 +286,40 @@ def test_stored_teacher_embeddings_are_matched_to_the_training_rows(tmp_path):
     short = write_feature_store(tmp_path / "short.h5", train_ids[:50], rng.normal(size=(50, 5)).astype(np.float32))
     with pytest.raises(ValueError, match="has 50 rows but the training set has 60 examples"):
         fit(SS2D(sizes=[2], teacher_embeddings=str(short)), stores_datamodule(paths), tmp_path / "run3")
+
+
+# ---- 1 process vs 2 DDP processes --------------------------------------------------------------------------------
+
+
+def distillation_loss_of(student, x, teacher):
+    from lightning_modules.nn import gather_with_grad
+    from lightning_modules.nn.similarity_distillation import multi_size_distillation_losses
+
+    output = gather_with_grad(student(x))
+    losses = multi_size_distillation_losses(gather_with_grad(teacher), {2: output[:, :2], 4: output}, 0.2)
+    return sum(losses.values())
+
+
+def _two_process_gradients(rank, port, x, teacher, state, queue):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    student = torch.nn.Linear(6, 4).double()
+    student.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    distillation_loss_of(ddp, x.chunk(2)[rank], teacher.chunk(2)[rank]).backward()
+    queue.put((rank, [p.grad.numpy().copy() for p in student.parameters()]))
+    dist.destroy_process_group()
+
+
+def test_distillation_over_the_gathered_batch_gives_the_single_process_gradient_under_ddp():
+    torch.manual_seed(0)
+    x, teacher = torch.randn(24, 6, dtype=torch.float64), torch.randn(24, 5, dtype=torch.float64)
+    student = torch.nn.Linear(6, 4).double()
+    distillation_loss_of(student, x, teacher).backward()
+    expected = [p.grad.clone() for p in student.parameters()]
+    results = run_in_two_processes(_two_process_gradients, x, teacher, student.state_dict())
+    for rank in range(2):
+        for got, want in zip(results[rank], expected):
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-10, atol=1e-12)
