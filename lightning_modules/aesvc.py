@@ -27,7 +27,12 @@ import torch.nn.functional as F
 
 from lightning_modules.base import LRSchedule, RetrievalModule, concatenated_views, nested_views
 from lightning_modules.nn import gather_with_grad, mlp, variance_constraint_losses
-from lightning_modules.nn.similarity_distillation import NestedEmbedding, SeparateEmbeddings, check_sizes
+from lightning_modules.nn.similarity_distillation import (
+    DEFAULT_SIZES,
+    NestedEmbedding,
+    SeparateEmbeddings,
+    check_sizes,
+)
 from lightning_modules.nn.variance_constraints import CovarianceTarget
 from retrieval.diagnostics import RunningMoments, constraint_errors, cosine_similarities_of_pairs
 
@@ -204,9 +209,12 @@ class AESVCPerSize(AESVC):
     method_name = "AE-SVC per size"
     nested = False
 
-    def __init__(self, sizes: Sequence[int] = (8, 16, 32, 64, 128, 256), **kwargs):
+    def __init__(self, sizes: Sequence[int] = DEFAULT_SIZES, **kwargs):
+        if kwargs.get("prefix_sizes"):
+            raise ValueError(f"{type(self).__name__} is evaluated at every size in `sizes`; prefix_sizes does not apply")
         super().__init__(latent_dim=check_sizes(sizes)[-1], **kwargs)
         self._hparams.pop("latent_dim")  # the sizes say it all
+        self._hparams.pop("prefix_sizes")
 
     @property
     def sizes(self) -> list[int]:

@@ -37,6 +37,7 @@ from lightning_modules.base import (
 )
 from lightning_modules.nn import gather_with_grad
 from lightning_modules.nn.similarity_distillation import (
+    DEFAULT_SIZES,
     DiagonalHandling,
     NestedEmbedding,
     SeparateEmbeddings,
@@ -45,8 +46,6 @@ from lightning_modules.nn.similarity_distillation import (
 )
 from lightning_modules.run_directory import LAST_CHECKPOINT, newest_resumable_run
 from retrieval.feature_store import FeatureStore
-
-DEFAULT_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 class SS2D(RetrievalModule):
@@ -150,17 +149,18 @@ class SS2D(RetrievalModule):
         return StoredTeacher(hp.teacher_embeddings, datamodule.train_dataset() if datamodule is not None else None)
 
     def teacher_embeddings_of(self, batch) -> torch.Tensor:
-        teacher = self._teacher[0]
+        """The teacher's embeddings of the batch, on the batch's device and in its precision."""
+        teacher, x = self._teacher[0], batch["embedding"]
         if isinstance(teacher, StoredTeacher):
-            return teacher.rows(batch["index"]).to(batch["embedding"].device)
-        teacher.to(batch["embedding"].device)
+            return teacher.rows(batch["index"]).to(x)
+        teacher.to(device=x.device, dtype=x.dtype)  # follows the run's device and precision (no-op once there)
         with torch.no_grad():
             return teacher.embed(batch)
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        teacher = gather_with_grad(self.teacher_embeddings_of(batch).float())
+        teacher = gather_with_grad(self.teacher_embeddings_of(batch))
         student = gather_with_grad(self.student(self._inputs(batch)))
         losses = multi_size_distillation_losses(teacher, self.student.by_size(student), hp.temperature, hp.diagonal)
         loss = sum(w * losses[size] for w, size in zip(self.size_weights, self.sizes))

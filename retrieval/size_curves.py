@@ -66,10 +66,17 @@ def plot_size_curves(curves_by_method: dict[str, Curves], path: str | Path, metr
         axis.set_xlabel("embedding size")
         axis.set_ylabel(metric)
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+    # One legend under all panels, so it never hides a curve.
+    legend = {}
+    for axis in axes[0]:
+        handles, names = axis.get_legend_handles_labels()
+        legend.update(zip(names, handles))
+    columns = min(4, len(legend))
+    figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize="small", frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    legend_rows = -(-len(legend) // columns)
+    figure.tight_layout(rect=(0, 0.06 * legend_rows + 0.02, 1, 1))
     with replace_atomically(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)

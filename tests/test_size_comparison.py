@@ -73,10 +73,16 @@ def test_wandb_run_log_is_read_back_including_records_split_across_blocks(tmp_pa
 
 @pytest.mark.slow
 def test_size_comparison_from_the_command_line(tmp_path):
-    """Teacher -> (SS)2D (logging to W&B offline) -> PCA prefix -> `compare` over run directories and W&B."""
+    """Teacher -> (SS)2D on 1 and 2 processes (logging to W&B offline) -> PCA prefix -> `compare` over run
+    directories and W&B."""
     small = [*SMALL_BENCHMARK, *QUIET, "--trainer.max_epochs=2"]
     run_cli("fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), *small, cwd=tmp_path)
-    run_cli("fit", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *small, cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    # float64 (the teacher follows the run's precision), so 1 and 2 processes can be compared exactly
+    ss2d = ["fit", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *small, "--trainer.precision=64-true"]
+    ss2d += ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
+    run_cli(*ss2d, "--trainer.devices=1", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    run_cli(*ss2d, "--trainer.devices=2", "--trainer.default_root_dir=runs/ss2d_two", cwd=tmp_path)
+    assert read_run(tmp_path / "runs/ss2d_two/version_0") == read_run(tmp_path / "runs/ss2d/embedded/version_0")
     run_cli("fit", "--config", str(CONFIGS / "pca_prefix/embedded.yaml"), *SMALL_BENCHMARK, *QUIET, cwd=tmp_path)
     ss2d_run = tmp_path / "runs/ss2d/embedded/version_0"
     metrics = json.loads((ss2d_run / "metrics.json").read_text())

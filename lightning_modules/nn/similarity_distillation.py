@@ -22,6 +22,8 @@ from torch import nn
 from lightning_modules.nn.mlp import mlp
 
 DiagonalHandling = Literal["mask", "keep"]
+#: The paper's embedding sizes.
+DEFAULT_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 def similarity_log_distribution(embeddings: torch.Tensor, temperature: float, diagonal: DiagonalHandling) -> torch.Tensor:
