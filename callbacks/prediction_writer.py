@@ -66,6 +66,8 @@ class PredictionWriter(pl.Callback):
                 "hparams": dict(pl_module.hparams),
                 "datamodule": type(datamodule).__name__,
                 "transform": vars(datamodule.transform) if hasattr(datamodule, "transform") else None,
+                # Multi-size methods: the global columns [start, stop) that form the embedding of each size.
+                "size_columns": {size: [c.start, c.stop] for size, c in (pl_module.size_views() or {}).items()},
             }
         )
         self._writers, self._images, self._start = {}, 0, time.perf_counter()

@@ -10,6 +10,7 @@ from callbacks.retrieval_evaluation import RetrievalEvaluation
 from conftest import REPO, SMALL_BENCHMARK, run_cli
 from datamodules import EmbeddedBenchmark
 from lightning_modules import AESVC, SS2D, SSD, PCAProjection
+from retrieval.feature_store import FeatureStore
 from retrieval.run_results import RunResultsError, read_run
 from retrieval.size_curves import curves_from_metrics, markdown_table, plot_size_curves
 
@@ -91,6 +92,11 @@ def test_size_comparison_from_the_command_line(tmp_path):
         assert 0.0 < metrics[f"val/embedded/mAP@100@d{size}"] <= 1.0
     assert metrics["val/embedded/mAP@100"] == metrics["val/embedded/mAP@100@d256"]
     assert (ss2d_run / "size_curves_val.png").read_bytes()[:8] == PNG_MAGIC
+    # Predict writes the largest size, and says which columns form each size.
+    run_cli("predict", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *SMALL_BENCHMARK, *QUIET,
+            "--ckpt_path", str(ss2d_run / "checkpoints/last.ckpt"), "--data.init_args.predict_split=val_query", cwd=tmp_path)
+    store = FeatureStore(ss2d_run / "embeddings/val_query.h5")
+    assert store.global_descriptors().shape[1] == 256 and store.config["size_columns"]["8"] == [0, 8]
     # The W&B run holds the same numbers (read back from its log file).
     _, logged = read_run(ss2d_run / "wandb")
     assert logged["val/embedded/mAP@100@d8"] == pytest.approx(metrics["val/embedded/mAP@100@d8"])
