@@ -92,8 +92,10 @@ def main() -> None:
     import faiss
     import torch
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)"
+    )
     throughput = training_throughput(args.input_dim, args.batch_size, args.steps)
     print(f"\ntraining throughput, {args.input_dim}-d inputs, batch {args.batch_size}, {args.steps} steps")
     print("| method | embeddings/s |\n|---|---|")
@@ -104,8 +106,10 @@ def main() -> None:
     print(f"| size | ms / query, {args.queries} at once | ms / query, one at a time | database GB (float32) |")
     print("|---|---|---|---|")
     for size, seconds in times.items():
-        print(f"| {size} | {seconds['batched'] * 1e3:.2f} | {seconds['one_at_a_time'] * 1e3:.2f} | "
-              f"{args.database * size * 4 / 1e9:.2f} |")
+        print(
+            f"| {size} | {seconds['batched'] * 1e3:.2f} | {seconds['one_at_a_time'] * 1e3:.2f} | "
+            f"{args.database * size * 4 / 1e9:.2f} |"
+        )
     print(json.dumps({"training_embeddings_per_s": throughput, "search_s_per_query": times}))
 
 

@@ -134,7 +134,9 @@ def log_size_curves_to_wandb(experiment, method: str, curves: dict[str, dict[int
     metrics = list(curves)
     sizes = sorted({size for by_size in curves.values() for size in by_size})
     table = wandb.Table(columns=["size", *metrics], data=[[s, *(curves[m].get(s) for m in metrics)] for s in sizes])
-    plots = {f"{stage}/size_curve/{m}": wandb.plot.line(table, "size", m, title=f"{m} vs embedding size") for m in metrics}
+    plots = {
+        f"{stage}/size_curve/{m}": wandb.plot.line(table, "size", m, title=f"{m} vs embedding size") for m in metrics
+    }
     experiment.log({f"{stage}/size_table": table, **plots})
 
 

@@ -211,7 +211,7 @@ class AESVCPerSize(AESVC):
 
     def __init__(self, sizes: Sequence[int] = DEFAULT_SIZES, **kwargs):
         if kwargs.get("prefix_sizes"):
-            raise ValueError(f"{type(self).__name__} is evaluated at every size in `sizes`; prefix_sizes does not apply")
+            raise ValueError(f"{type(self).__name__} is scored at every size in `sizes`; prefix_sizes does not apply")
         super().__init__(latent_dim=check_sizes(sizes)[-1], **kwargs)
         self._hparams.pop("latent_dim")  # the sizes say it all
         self._hparams.pop("prefix_sizes")

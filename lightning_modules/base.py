@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,8 +102,7 @@ def nested_views(sizes) -> dict[int, slice]:
 
 def concatenated_views(sizes) -> dict[int, slice]:
     """Independent embeddings of each size, concatenated in the order of ``sizes``."""
-    ends = torch.tensor(list(sizes)).cumsum(0).tolist()
-    return {size: slice(end - size, end) for size, end in zip(sizes, ends)}
+    return {size: slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes))}
 
 
 def load_frozen_module(checkpoint_path: str | os.PathLike, what: str = "checkpoint") -> RetrievalModule:

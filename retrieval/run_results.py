@@ -51,8 +51,7 @@ def read_run(path: str | Path) -> tuple[str | None, dict[str, float]]:
     if runs:
         return _read_metrics_file(max(runs, key=lambda p: (p / METRICS_FILE).stat().st_mtime) / METRICS_FILE)
     raise RunResultsError(
-        f"{path} holds no {METRICS_FILE}, no run directory with one, and no W&B run (run-*.wandb): "
-        "name a finished run"
+        f"{path} holds no {METRICS_FILE}, no run directory with one, and no W&B run (run-*.wandb): name a finished run"
     )
 
 

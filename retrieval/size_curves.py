@@ -43,7 +43,9 @@ def markdown_table(curves_by_method: dict[str, Curves], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot_size_curves(curves_by_method: dict[str, Curves], path: str | Path, metrics: list[str] | None = None, title=None):
+def plot_size_curves(
+    curves_by_method: dict[str, Curves], path: str | Path, metrics: list[str] | None = None, title=None
+):
     """Draw ``metrics`` (default: all) against size, one panel each, one line per method; PNG written atomically."""
     import matplotlib
 
@@ -72,7 +74,9 @@ def plot_size_curves(curves_by_method: dict[str, Curves], path: str | Path, metr
         handles, names = axis.get_legend_handles_labels()
         legend.update(zip(names, handles))
     columns = min(4, len(legend))
-    figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize="small", frameon=False)
+    figure.legend(
+        list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize="small", frameon=False
+    )
     if title:
         figure.suptitle(title)
     legend_rows = -(-len(legend) // columns)

@@ -93,16 +93,34 @@ def test_size_comparison_from_the_command_line(tmp_path):
     assert metrics["val/embedded/mAP@100"] == metrics["val/embedded/mAP@100@d256"]
     assert (ss2d_run / "size_curves_val.png").read_bytes()[:8] == PNG_MAGIC
     # Predict writes the largest size, and says which columns form each size.
-    run_cli("predict", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *SMALL_BENCHMARK, *QUIET,
-            "--ckpt_path", str(ss2d_run / "checkpoints/last.ckpt"), "--data.init_args.predict_split=val_query", cwd=tmp_path)
+    run_cli(
+        "predict",
+        "--config",
+        str(CONFIGS / "ss2d/embedded.yaml"),
+        *SMALL_BENCHMARK,
+        *QUIET,
+        "--ckpt_path",
+        str(ss2d_run / "checkpoints/last.ckpt"),
+        "--data.init_args.predict_split=val_query",
+        cwd=tmp_path,
+    )
     store = FeatureStore(ss2d_run / "embeddings/val_query.h5")
     assert store.global_descriptors().shape[1] == 256 and store.config["size_columns"]["8"] == [0, 8]
     # The W&B run holds the same numbers (read back from its log file).
     _, logged = read_run(ss2d_run / "wandb")
     assert logged["val/embedded/mAP@100@d8"] == pytest.approx(metrics["val/embedded/mAP@100@d8"])
     result = run_cli(
-        "compare", "AE-SVC truncated=runs/aesvc/embedded", str(ss2d_run / "wandb"), "runs/pca_prefix/embedded",
-        "--metric", "embedded/mAP@100", "--output", "docs/sizes.png", "--table", "docs/sizes.md", cwd=tmp_path,
+        "compare",
+        "AE-SVC truncated=runs/aesvc/embedded",
+        str(ss2d_run / "wandb"),
+        "runs/pca_prefix/embedded",
+        "--metric",
+        "embedded/mAP@100",
+        "--output",
+        "docs/sizes.png",
+        "--table",
+        "docs/sizes.md",
+        cwd=tmp_path,
     )
     table = (tmp_path / "docs/sizes.md").read_text()
     assert table.splitlines()[0] == "| embedded/mAP@100 | d8 | d16 | d32 | d64 | d128 | d256 |"
@@ -127,8 +145,15 @@ def fit_and_score(model, root, epochs, data_root):
     pl.seed_everything(0)
     evaluation = RetrievalEvaluation(progress=False)
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        default_root_dir=str(root), callbacks=[evaluation], num_sanity_val_steps=0, use_distributed_sampler=False,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=str(root),
+        callbacks=[evaluation],
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
         check_val_every_n_epoch=epochs,
     )
     trainer.fit(model, EmbeddedBenchmark(root=str(data_root), batch_size=500, eval_batch_size=1000))
@@ -142,8 +167,12 @@ def test_ss2d_beats_pca_and_truncated_aesvc_at_small_sizes_and_stays_near_ssd(tm
     trainer, aesvc = fit_and_score(teacher, tmp_path / "t", 15, data)
     trainer.save_checkpoint(tmp_path / "teacher.ckpt")
     _, pca = fit_and_score(PCAProjection(sizes=SIZES), tmp_path / "p", 1, data)
-    _, ss2d = fit_and_score(SS2D(sizes=SIZES, teacher_checkpoint=str(tmp_path / "teacher.ckpt")), tmp_path / "s", 10, data)
-    _, ssd = fit_and_score(SSD(sizes=SIZES, teacher_checkpoint=str(tmp_path / "teacher.ckpt")), tmp_path / "d", 10, data)
+    _, ss2d = fit_and_score(
+        SS2D(sizes=SIZES, teacher_checkpoint=str(tmp_path / "teacher.ckpt")), tmp_path / "s", 10, data
+    )
+    _, ssd = fit_and_score(
+        SSD(sizes=SIZES, teacher_checkpoint=str(tmp_path / "teacher.ckpt")), tmp_path / "d", 10, data
+    )
     summary = {"PCA": pca, "AE-SVC truncated": aesvc, "(SS)2D": ss2d, "SSD": ssd}
     recall, average_precision = "embedded/recall@1", "embedded/mAP@100"
     for size in (8, 16, 32):

@@ -98,8 +98,10 @@ def test_nested_sizes_share_weights_and_ssd_students_do_not():
     before = ss2d.embed(batch)[:, :2]
     with torch.no_grad():
         ss2d.student.network[-1].weight[2:] += 1.0  # later dimensions only
-    torch.testing.assert_close(ss2d.embed(batch)[:, :2] / ss2d.embed(batch)[:, :2].norm(dim=1, keepdim=True),
-                               before / before.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        ss2d.embed(batch)[:, :2] / ss2d.embed(batch)[:, :2].norm(dim=1, keepdim=True),
+        before / before.norm(dim=1, keepdim=True),
+    )
     # the size-2 loss trains exactly the shared rows that size 2 reads
     x, teacher = torch.randn(12, 6), torch.randn(12, 3)
     similarity_distillation_loss(teacher, ss2d.student(x)[:, :2]).backward()
@@ -165,7 +167,9 @@ def test_vae_embeds_the_normalised_posterior_mean_and_its_kl_is_the_gaussian_one
     model = VAEPerSize(sizes=[2, 3], input_dim=6, hidden_dims=[])
     x = torch.randn(4, 6)
     (mu2, logvar2), (mu3, _) = model.posteriors(x)
-    torch.testing.assert_close(model.embed({"embedding": x}), torch.cat([F.normalize(mu2, dim=-1), F.normalize(mu3, dim=-1)], 1))
+    torch.testing.assert_close(
+        model.embed({"embedding": x}), torch.cat([F.normalize(mu2, dim=-1), F.normalize(mu3, dim=-1)], 1)
+    )
     posterior = torch.distributions.Normal(mu2, (0.5 * logvar2).exp())
     expected_kl = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).sum(-1).mean()
     torch.manual_seed(0)
@@ -183,22 +187,34 @@ def small_stores(tmp_path, dim=12, n=60, seed=0):
     for split in ("train", "val_query", "val_database"):
         labels = rng.integers(0, 6, n)
         paths[split] = write_feature_store(
-            tmp_path / f"{split}.h5", [f"{split}{i}" for i in range(n)], rng.normal(size=(n, dim)).astype(np.float32), labels=labels
+            tmp_path / f"{split}.h5",
+            [f"{split}{i}" for i in range(n)],
+            rng.normal(size=(n, dim)).astype(np.float32),
+            labels=labels,
         )
     return paths
 
 
 def stores_datamodule(paths, batch_size=20):
     return LabelledFeatureStores(
-        train=str(paths["train"]), val_query=str(paths["val_query"]), val_database=str(paths["val_database"]),
+        train=str(paths["train"]),
+        val_query=str(paths["val_query"]),
+        val_database=str(paths["val_database"]),
         batch_size=batch_size,
     )
 
 
 def fit(model, datamodule, root, epochs=1):
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=0, accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        accelerator="cpu",
     )
     trainer.fit(model, datamodule)
     return trainer
@@ -281,7 +297,9 @@ def test_stored_teacher_embeddings_are_matched_to_the_training_rows(tmp_path):
     rows = model._teacher[0].rows(torch.tensor([3, 0]))
     with h5py.File(good) as f:
         np.testing.assert_array_equal(rows.numpy(), f["global"][[0, 3]][[1, 0]])
-    shuffled = write_feature_store(tmp_path / "shuffled.h5", train_ids[::-1], rng.normal(size=(60, 5)).astype(np.float32))
+    shuffled = write_feature_store(
+        tmp_path / "shuffled.h5", train_ids[::-1], rng.normal(size=(60, 5)).astype(np.float32)
+    )
     with pytest.raises(ValueError, match="row 0 is 'train59' but training example 0 is 'train0'"):
         fit(SS2D(sizes=[2], teacher_embeddings=str(shuffled)), stores_datamodule(paths), tmp_path / "run2")
     short = write_feature_store(tmp_path / "short.h5", train_ids[:50], rng.normal(size=(50, 5)).astype(np.float32))

@@ -26,7 +26,9 @@ DiagonalHandling = Literal["mask", "keep"]
 DEFAULT_SIZES = (8, 16, 32, 64, 128, 256)
 
 
-def similarity_log_distribution(embeddings: torch.Tensor, temperature: float, diagonal: DiagonalHandling) -> torch.Tensor:
+def similarity_log_distribution(
+    embeddings: torch.Tensor, temperature: float, diagonal: DiagonalHandling
+) -> torch.Tensor:
     """Row-wise ``log_softmax(cos_sim / temperature)`` of a batch ``[n, d]``; a masked diagonal gets ``-inf``."""
     if diagonal not in ("mask", "keep"):
         raise ValueError(f"diagonal must be 'mask' or 'keep', got {diagonal!r}")
