@@ -256,7 +256,9 @@ class MatryoshkaAESVC(AESVCPerSize):
 
     A prefix is decoded by the one decoder with the later latent dimensions set to zero, their target mean.
     (Constraints on the full latent alone would already hold on every prefix, since a prefix's covariance is a
-    block of the full one; what makes the prefixes good embeddings is that each must reconstruct the input.)
+    block of the full one; the prefix terms weight the leading dimensions more.) On the embedded benchmark it
+    beats a 256-d AE-SVC truncated to 8-64 dimensions but plateaus from 32 on; the prefix constraints cause the
+    plateau (reconstructing from the full latent only gives the same curve).
     """
 
     method_name = "Matryoshka AE-SVC"
