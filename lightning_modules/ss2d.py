@@ -44,8 +44,9 @@ from lightning_modules.nn.similarity_distillation import (
     check_sizes,
     multi_size_distillation_losses,
 )
-from lightning_modules.run_directory import LAST_CHECKPOINT, newest_resumable_run
+from lightning_modules.run_directory import LAST_CHECKPOINT
 from retrieval.feature_store import FeatureStore
+from retrieval.run_results import METRICS_FILE
 
 
 class SS2D(RetrievalModule):
@@ -55,7 +56,8 @@ class SS2D(RetrievalModule):
         sizes: the nested embedding sizes, increasing; the student outputs ``max(sizes)`` dimensions.
         size_weights: loss weight of each size (default 1 each).
         teacher_checkpoint: a checkpoint of a trained method (e.g. AE-SVC) whose embedding is the teacher; a run
-            directory, or a root of run directories (``runs/aesvc/sop``), stands for its newest ``last.ckpt``.
+            directory stands for its ``last.ckpt``, a root of run directories (``runs/aesvc/sop``) for that of
+            its newest finished run.
             Only read, never trained or saved in this model's checkpoints.
         teacher_embeddings: instead, a feature store whose global descriptors are the teacher embedding of
             every training example, row for row (same ids as the training set).
@@ -183,19 +185,20 @@ class SSD(SS2D):
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file; a run directory or a root of run directories stands for its newest ``last.ckpt``."""
+    """A checkpoint file; a run directory stands for its ``last.ckpt``, a root of run directories for the
+    ``last.ckpt`` of its newest *finished* run (one that wrote its metrics), never a run still training."""
     candidate = Path(path)
-    if candidate.is_dir():
-        if (candidate / LAST_CHECKPOINT).is_file():
-            return candidate / LAST_CHECKPOINT
-        run = newest_resumable_run(candidate)
-        if run is None:
-            raise FileNotFoundError(
-                f"teacher_checkpoint {candidate} is a directory without a run that has {LAST_CHECKPOINT} "
-                "(expected a .ckpt file, a run directory, or a root of run directories)"
-            )
-        return run / LAST_CHECKPOINT
-    return candidate
+    if not candidate.is_dir():
+        return candidate
+    if (candidate / LAST_CHECKPOINT).is_file():
+        return candidate / LAST_CHECKPOINT
+    finished = [p for p in candidate.iterdir() if (p / LAST_CHECKPOINT).is_file() and (p / METRICS_FILE).is_file()]
+    if not finished:
+        raise FileNotFoundError(
+            f"teacher_checkpoint {candidate} is a directory without a finished run (one with {LAST_CHECKPOINT} and "
+            f"{METRICS_FILE}); expected a .ckpt file, a run directory, or a root of run directories"
+        )
+    return max(finished, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime) / LAST_CHECKPOINT
 
 
 class StoredTeacher:

@@ -253,17 +253,20 @@ def test_teacher_checkpoint_is_loaded_read_only_and_stays_out_of_the_student(tmp
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
-def test_a_run_directory_stands_for_its_newest_last_checkpoint(tmp_path):
+def test_a_root_of_runs_stands_for_the_last_checkpoint_of_its_newest_finished_run(tmp_path):
     from lightning_modules.ss2d import resolve_checkpoint
 
-    for version, delay in (("version_0", 0), ("version_1", 1)):
+    for version, mtime, finished in (("version_0", 1000, True), ("version_1", 1001, True), ("version_2", 1002, False)):
         checkpoint = tmp_path / "runs" / version / "checkpoints" / "last.ckpt"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(b"x")
-        os.utime(checkpoint, (1000 + delay, 1000 + delay))
+        os.utime(checkpoint, (mtime, mtime))
+        if finished:
+            (tmp_path / "runs" / version / "metrics.json").write_text("{}")
+    # version_2 is newer but still training (no metrics yet): not a teacher
     assert resolve_checkpoint(str(tmp_path / "runs")) == tmp_path / "runs/version_1/checkpoints/last.ckpt"
-    assert resolve_checkpoint(str(tmp_path / "runs/version_0")) == tmp_path / "runs/version_0/checkpoints/last.ckpt"
-    with pytest.raises(FileNotFoundError, match="without a run that has checkpoints/last.ckpt"):
+    assert resolve_checkpoint(str(tmp_path / "runs/version_2")) == tmp_path / "runs/version_2/checkpoints/last.ckpt"
+    with pytest.raises(FileNotFoundError, match="without a finished run"):
         resolve_checkpoint(str(tmp_path))
 
 
