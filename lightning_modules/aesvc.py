@@ -110,16 +110,12 @@ class AESVC(RetrievalModule):
         sizes = self.hparams.get("prefix_sizes")
         return nested_views(sorted({*sizes, self.hparams.latent_dim})) if sizes else None
 
-    def _inputs(self, batch) -> torch.Tensor:
-        x = batch["embedding"]
-        return F.normalize(x, dim=-1) if self.hparams.normalize_input else x
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The latent before normalisation (the quantity the constraints act on)."""
         return self.encoder(x)
 
     def embed(self, batch) -> torch.Tensor:
-        return F.normalize(self.encode(self._inputs(batch)), dim=-1)
+        return F.normalize(self.encode(self.input_embeddings(batch)), dim=-1)
 
     def latents_by_size(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
         """The latent of every trained size (one here)."""
@@ -129,7 +125,7 @@ class AESVC(RetrievalModule):
         return self.decoder(z)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = self._inputs(batch)
+        x = self.input_embeddings(batch)
         z = self.encode(x)
         parts = self.latents_by_size(z)
         loss, terms = 0.0, {}
@@ -237,7 +233,7 @@ class AESVCPerSize(AESVC):
         return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
 
     def embed(self, batch) -> torch.Tensor:
-        parts = self.latents_by_size(self.encode(self._inputs(batch)))
+        parts = self.latents_by_size(self.encode(self.input_embeddings(batch)))
         if self.nested:
             return F.normalize(parts[self.sizes[-1]], dim=-1)
         return torch.cat([F.normalize(part, dim=-1) for part in parts.values()], dim=-1)

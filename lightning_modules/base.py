@@ -39,6 +39,11 @@ class RetrievalModule(pl.LightningModule):
         ``None``: one size, the whole output."""
         return None
 
+    def input_embeddings(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's stored embeddings, L2-normalised when the method's ``normalize_input`` is set."""
+        x = batch["embedding"]
+        return torch.nn.functional.normalize(x, dim=-1) if self.hparams.get("normalize_input", False) else x
+
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "embeddings": self.embed(batch)}
 

@@ -119,12 +119,8 @@ class SS2D(RetrievalModule):
     def size_views(self) -> dict[int, slice]:
         return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
 
-    def _inputs(self, batch) -> torch.Tensor:
-        x = batch["embedding"]
-        return F.normalize(x, dim=-1) if self.hparams.normalize_input else x
-
     def embed(self, batch) -> torch.Tensor:
-        output = self.student(self._inputs(batch))
+        output = self.student(self.input_embeddings(batch))
         if self.nested:
             return F.normalize(output, dim=-1)  # any prefix, renormalised, is the embedding of that size
         return torch.cat([F.normalize(part, dim=-1) for part in self.student.by_size(output).values()], dim=-1)
@@ -163,7 +159,7 @@ class SS2D(RetrievalModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         teacher = gather_with_grad(self.teacher_embeddings_of(batch))
-        student = gather_with_grad(self.student(self._inputs(batch)))
+        student = gather_with_grad(self.student(self.input_embeddings(batch)))
         losses = multi_size_distillation_losses(teacher, self.student.by_size(student), hp.temperature, hp.diagonal)
         loss = sum(w * losses[size] for w, size in zip(self.size_weights, self.sizes))
         terms = {"loss": loss, **{f"kl@d{size}": value for size, value in losses.items()}}

@@ -79,19 +79,15 @@ class VAEPerSize(RetrievalModule):
     def size_views(self) -> dict[int, slice]:
         return concatenated_views(self.sizes)
 
-    def _inputs(self, batch) -> torch.Tensor:
-        x = batch["embedding"]
-        return F.normalize(x, dim=-1) if self.hparams.normalize_input else x
-
     def posteriors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(mu, log_variance)`` of every size."""
         return [encoder(x).chunk(2, dim=-1) for encoder in self.encoders]
 
     def embed(self, batch) -> torch.Tensor:
-        return torch.cat([F.normalize(mu, dim=-1) for mu, _ in self.posteriors(self._inputs(batch))], dim=-1)
+        return torch.cat([F.normalize(mu, dim=-1) for mu, _ in self.posteriors(self.input_embeddings(batch))], dim=-1)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = self._inputs(batch)
+        x = self.input_embeddings(batch)
         loss, terms = 0.0, {}
         for size, (mu, log_variance), decoder in zip(self.sizes, self.posteriors(x), self.decoders):
             z = mu + torch.randn_like(mu) * (0.5 * log_variance).exp()

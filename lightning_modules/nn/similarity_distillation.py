@@ -43,16 +43,7 @@ def similarity_distillation_loss(
     teacher: torch.Tensor, student: torch.Tensor, temperature: float = 0.05, diagonal: DiagonalHandling = "mask"
 ) -> torch.Tensor:
     """Mean over rows of ``KL(softmax(teacher row / tau) || softmax(student row / tau))``."""
-    if len(teacher) != len(student):
-        raise ValueError(f"teacher and student batches differ in size: {len(teacher)} vs {len(student)}")
-    if len(teacher) < 2 + (diagonal == "mask"):
-        raise ValueError("similarity distillation needs a batch of at least 3 examples")
-    log_p = similarity_log_distribution(teacher.detach(), temperature, diagonal)
-    log_q = similarity_log_distribution(student, temperature, diagonal)
-    p = log_p.exp()
-    # 0 * log 0 := 0, including the masked diagonal (-inf - -inf would be NaN).
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=-1).mean()
+    return multi_size_distillation_losses(teacher, {0: student}, temperature, diagonal)[0]
 
 
 def multi_size_distillation_losses(
@@ -61,8 +52,20 @@ def multi_size_distillation_losses(
     temperature: float = 0.05,
     diagonal: DiagonalHandling = "mask",
 ) -> dict[int, torch.Tensor]:
-    """``{m: loss_m}`` for the student embedding of each size ``m``."""
-    return {size: similarity_distillation_loss(teacher, s, temperature, diagonal) for size, s in students.items()}
+    """``{m: loss_m}`` for the student embedding of each size ``m`` (the teacher's distribution computed once)."""
+    if len(teacher) < 2 + (diagonal == "mask"):
+        raise ValueError("similarity distillation needs a batch of at least 3 examples")
+    log_p = similarity_log_distribution(teacher.detach(), temperature, diagonal)
+    p = log_p.exp()
+    losses = {}
+    for size, student in students.items():
+        if len(student) != len(teacher):
+            raise ValueError(f"teacher and student batches differ in size: {len(teacher)} vs {len(student)}")
+        log_q = similarity_log_distribution(student, temperature, diagonal)
+        # 0 * log 0 := 0, including the masked diagonal (-inf - -inf would be NaN).
+        terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+        losses[size] = terms.sum(dim=-1).mean()
+    return losses
 
 
 def check_sizes(sizes: Sequence[int], largest_allowed: int | None = None, what: str = "sizes") -> list[int]:
