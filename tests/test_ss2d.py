@@ -109,7 +109,7 @@ def test_nested_sizes_share_weights_and_ssd_students_do_not():
     assert gradient[:2].abs().sum() > 0 and gradient[2:].abs().sum() == 0
 
 
-def test_every_size_is_a_view_of_one_forward_and_scores_as_that_embedding_alone():
+def test_every_size_is_a_renormalised_view_of_one_forward():
     model = SS2D(sizes=[2, 4, 8], teacher_embeddings="unused.h5", input_dim=6)
     calls = []
     model.student.register_forward_hook(lambda *args: calls.append(1))
