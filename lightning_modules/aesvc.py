@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import LRSchedule, RetrievalModule, concatenated_views, nested_views
+from lightning_modules.base import LRSchedule, MultiSizeEmbedding, RetrievalModule, nested_views
 from lightning_modules.nn import gather_with_grad, mlp, variance_constraint_losses
 from lightning_modules.nn.similarity_distillation import (
     DEFAULT_SIZES,
@@ -92,15 +92,7 @@ class AESVC(RetrievalModule):
         self.hparams["input_dim"] = input_dim
 
     def configure_model(self) -> None:
-        if self.encoder is None:
-            self._build(self.data_embedding_dim())
-        elif self._trainer is not None and getattr(self.trainer.datamodule, "embedding_dim", None) is not None:
-            data_dim = self.trainer.datamodule.embedding_dim
-            if data_dim != self.hparams.input_dim:
-                raise ValueError(
-                    f"AESVC was built for {self.hparams.input_dim}-d inputs but the datamodule gives {data_dim}-d "
-                    "embeddings; set model.init_args.input_dim to match (or leave it unset)"
-                )
+        self.build_for_data(self.encoder is not None)
 
     @property
     def retrieval_dim(self) -> int:
@@ -195,7 +187,7 @@ class AESVC(RetrievalModule):
         return self.build_optimizer(hp.lr, hp.weight_decay, hp.lr_schedule)
 
 
-class AESVCPerSize(AESVC):
+class AESVCPerSize(MultiSizeEmbedding, AESVC):
     """One independent AE-SVC per size in ``sizes``, trained side by side in one run (a baseline of (SS)2D).
 
     The networks share nothing, so the summed loss gives each one the gradient, and with AdamW the updates,
@@ -225,18 +217,8 @@ class AESVCPerSize(AESVC):
         self.decoder = torch.nn.ModuleList(mlp(size, decoder_hidden, input_dim) for size in decoder_inputs)
         self.hparams["input_dim"] = input_dim
 
-    @property
-    def retrieval_dim(self) -> int:
-        return self.sizes[-1]
-
-    def size_views(self) -> dict[int, slice]:
-        return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
-
     def embed(self, batch) -> torch.Tensor:
-        parts = self.latents_by_size(self.encode(self.input_embeddings(batch)))
-        if self.nested:
-            return F.normalize(parts[self.sizes[-1]], dim=-1)
-        return torch.cat([F.normalize(part, dim=-1) for part in parts.values()], dim=-1)
+        return self.unit_by_size(self.encode(self.input_embeddings(batch)))
 
     def latents_by_size(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.encoder.by_size(z)

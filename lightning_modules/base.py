@@ -68,6 +68,20 @@ class RetrievalModule(pl.LightningModule):
             )
         return int(dim)
 
+    def build_for_data(self, built: bool) -> None:
+        """For networks sized by the input: ``self._build(dim)`` with the datamodule's embedding size unless
+        ``built``; when built (``input_dim`` given or loaded), check the datamodule gives that size."""
+        if not built:
+            self._build(self.data_embedding_dim())
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_dim = getattr(datamodule, "embedding_dim", None)
+        if data_dim is not None and data_dim != self.hparams.input_dim:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.hparams.input_dim}-d inputs but the datamodule gives "
+                f"{data_dim}-d embeddings; set model.init_args.input_dim to match (or leave it unset)"
+            )
+
     def stop_if_not_finite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
         """Stop training with a clear message when the loss is NaN/Inf on any process.
 
@@ -93,6 +107,27 @@ class RetrievalModule(pl.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MultiSizeEmbedding:
+    """Mixin (before the module class) for a method with an embedding at every size in ``self.sizes``: nested
+    (``nested = True``: prefixes of one output) or one output per size, concatenated (``nested = False``)."""
+
+    nested: bool = True
+
+    @property
+    def retrieval_dim(self) -> int:
+        return self.sizes[-1]
+
+    def size_views(self) -> dict[int, slice]:
+        return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
+
+    def unit_by_size(self, output: torch.Tensor) -> torch.Tensor:
+        """``output`` with the embedding of every size L2-normalised (nested: the whole, largest one)."""
+        if self.nested:
+            return torch.nn.functional.normalize(output, dim=-1)
+        parts = [torch.nn.functional.normalize(output[:, view], dim=-1) for view in self.size_views().values()]
+        return torch.cat(parts, dim=-1)
 
 
 def method_name(module: RetrievalModule) -> str:

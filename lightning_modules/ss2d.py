@@ -26,15 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lightning_modules.base import (
-    LRSchedule,
-    RetrievalModule,
-    concatenated_views,
-    load_frozen_module,
-    nested_views,
-)
+from lightning_modules.base import LRSchedule, MultiSizeEmbedding, RetrievalModule, load_frozen_module
 from lightning_modules.nn import gather_with_grad
 from lightning_modules.nn.similarity_distillation import (
     DEFAULT_SIZES,
@@ -49,7 +42,7 @@ from retrieval.feature_store import FeatureStore
 from retrieval.run_results import METRICS_FILE
 
 
-class SS2D(RetrievalModule):
+class SS2D(MultiSizeEmbedding, RetrievalModule):
     """(SS)2D: one student, nested sizes.
 
     Args:
@@ -109,21 +102,10 @@ class SS2D(RetrievalModule):
         self.hparams["input_dim"] = input_dim
 
     def configure_model(self) -> None:
-        if self.student is None:
-            self._build(self.data_embedding_dim())
-
-    @property
-    def retrieval_dim(self) -> int:
-        return self.sizes[-1]
-
-    def size_views(self) -> dict[int, slice]:
-        return nested_views(self.sizes) if self.nested else concatenated_views(self.sizes)
+        self.build_for_data(self.student is not None)
 
     def embed(self, batch) -> torch.Tensor:
-        output = self.student(self.input_embeddings(batch))
-        if self.nested:
-            return F.normalize(output, dim=-1)  # any prefix, renormalised, is the embedding of that size
-        return torch.cat([F.normalize(part, dim=-1) for part in self.student.by_size(output).values()], dim=-1)
+        return self.unit_by_size(self.student(self.input_embeddings(batch)))
 
     # ---- teacher ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from lightning_modules.base import LRSchedule, RetrievalModule, concatenated_views
+from lightning_modules.base import LRSchedule, MultiSizeEmbedding, RetrievalModule
 from lightning_modules.nn import mlp
 from lightning_modules.nn.similarity_distillation import DEFAULT_SIZES, check_sizes
 
 
-class VAEPerSize(RetrievalModule):
+class VAEPerSize(MultiSizeEmbedding, RetrievalModule):
     """One VAE per size; embedding = posterior mean.
 
     Args:
@@ -39,6 +38,7 @@ class VAEPerSize(RetrievalModule):
     """
 
     method_name = "VAE"
+    nested = False
 
     def __init__(
         self,
@@ -69,22 +69,14 @@ class VAEPerSize(RetrievalModule):
         self.hparams["input_dim"] = input_dim
 
     def configure_model(self) -> None:
-        if self.encoders is None:
-            self._build(self.data_embedding_dim())
-
-    @property
-    def retrieval_dim(self) -> int:
-        return self.sizes[-1]
-
-    def size_views(self) -> dict[int, slice]:
-        return concatenated_views(self.sizes)
+        self.build_for_data(self.encoders is not None)
 
     def posteriors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(mu, log_variance)`` of every size."""
         return [encoder(x).chunk(2, dim=-1) for encoder in self.encoders]
 
     def embed(self, batch) -> torch.Tensor:
-        return torch.cat([F.normalize(mu, dim=-1) for mu, _ in self.posteriors(self.input_embeddings(batch))], dim=-1)
+        return self.unit_by_size(torch.cat([mu for mu, _ in self.posteriors(self.input_embeddings(batch))], dim=-1))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = self.input_embeddings(batch)
