@@ -23,6 +23,17 @@ The random weights of ``pretrained=False`` run at the same speed as the pretrain
     python benchmarks/extraction_benchmark.py                        # 256 images, batch 32, 2 workers, CPU
     python benchmarks/extraction_benchmark.py --images 64 --num-local 0          # a quick look
     python benchmarks/extraction_benchmark.py --device cuda --precision bf16-mixed --channels-last --workers 8
+
+``--merge`` measures instead what finishing a multi-process extraction costs: joining ``--merge-shards``
+complete shards (``--merge-images`` rows in all, global 384-d float32 and ``--merge-locals`` local
+descriptors of 5 + 384 float16 columns) into the final store, by copying every row into a new file (the
+previous merge, rebuilt here as it was) and by :func:`retrieval.feature_store.write_virtual_store` (virtual
+datasets pointing at the shards), side by side in one run, with the bytes each writes and a check that both
+read back the same descriptors. ``--header-sizes N`` times reading the sizes of N JPEGs from their headers
+(what batching by shape reads) against decoding them.
+
+    python benchmarks/extraction_benchmark.py --merge --merge-images 8000 --merge-locals 100
+    python benchmarks/extraction_benchmark.py --header-sizes 500
 """
 
 from __future__ import annotations
@@ -210,13 +221,112 @@ def run_child(args, num_local: int) -> dict:
     command = [sys.executable, __file__, "--child", "--root", args.root, "--images", str(args.images)]
     command += ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--num-local", str(num_local)]
     command += ["--backbone", args.backbone, "--image-size", str(args.image_size), "--device", args.device]
-    command += ["--precision", args.precision, "--warmup", str(args.warmup)] + (["--channels-last"] if args.channels_last else [])
+    command += ["--precision", args.precision, "--warmup", str(args.warmup)] + (
+        ["--channels-last"] if args.channels_last else []
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     config = "global + local" if num_local else "global"
     if result.returncode != 0:
-        return {"config": config, "images": args.images, "error": f"exit {result.returncode}: {result.stderr.strip()[-500:]}"}
+        return {
+            "config": config,
+            "images": args.images,
+            "error": f"exit {result.returncode}: {result.stderr.strip()[-500:]}",
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def merge_benchmark(args) -> list[dict]:
+    import h5py
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from retrieval.feature_store import FeatureStore, FeatureStoreWriter, write_feature_store, write_virtual_store
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="merge_bench_") as directory:
+        directory = Path(directory)
+        n, dim = args.merge_images, 384
+        ids = [f"{i:08d}.jpg" for i in range(n)]
+        rng = np.random.default_rng(0)
+        starts = [r * n // args.merge_shards for r in range(args.merge_shards)]
+        shards = []
+        for rank, (start, stop) in enumerate(zip(starts, starts[1:] + [n])):
+            count = stop - start
+            local = rng.standard_normal((count, args.merge_locals, 5 + dim), dtype=np.float32).astype(np.float16)
+            shard = directory / ".shards" / f"list.rank{rank}of{args.merge_shards}.h5"
+            write_feature_store(shard, ids[start:stop], rng.standard_normal((count, dim), dtype=np.float32), local)
+            shards.append((start, shard))
+        shard_bytes = sum(path.stat().st_size for _, path in shards)
+
+        start_time = time.perf_counter()  # before: one process copies every row into a new file
+        local_shape = (args.merge_locals, 5 + dim)
+        with FeatureStoreWriter(directory / "copied.h5", ids, global_dim=dim, local_shape=local_shape) as writer:
+            for first, path in shards:
+                with h5py.File(path, "r") as f:
+                    for chunk in range(0, f["global"].shape[0], 4096):
+                        part = slice(chunk, min(chunk + 4096, f["global"].shape[0]))
+                        writer.write(first + np.arange(part.start, part.stop), f["global"][part], f["local"][part])
+        copy_seconds = time.perf_counter() - start_time
+
+        start_time = time.perf_counter()  # after: virtual datasets pointing at the shards
+        write_virtual_store(directory / "joined.h5", ids, shards)
+        join_seconds = time.perf_counter() - start_time
+
+        copied, joined = FeatureStore(directory / "copied.h5"), FeatureStore(directory / "joined.h5")
+        sample = rng.choice(n, size=min(n, 256), replace=False)
+        same = bool(
+            np.array_equal(copied.global_descriptors(), joined.global_descriptors())
+            and np.array_equal(copied.local_descriptors(sample), joined.local_descriptors(sample))
+        )
+        methods = (
+            ("copy into one file (before)", copy_seconds, "copied.h5"),
+            ("virtual join (after)", join_seconds, "joined.h5"),
+        )
+        for method, seconds, path in methods:
+            rows.append(
+                {
+                    "method": method,
+                    "images": n,
+                    "shards": args.merge_shards,
+                    "shard_mib": round(shard_bytes / 2**20),
+                    "seconds": round(seconds, 3),
+                    "written_mib": round((directory / path).stat().st_size / 2**20, 2),
+                    "same_descriptors": same,
+                }
+            )
+    return rows
+
+
+def header_size_benchmark(args) -> list[dict]:
+    from PIL import Image
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="header_bench_") as root:
+        write_images(Path(root), args.header_sizes)
+        paths = sorted(Path(root).rglob("*.JPG"))
+        start = time.perf_counter()
+        for path in paths:
+            with Image.open(path) as image:
+                image.size
+        header = time.perf_counter() - start
+        start = time.perf_counter()
+        for path in paths:
+            with Image.open(path) as image:
+                image.convert("RGB")
+        decode = time.perf_counter() - start
+    for method, seconds in (("size from the header", header), ("full decode", decode)):
+        rate = round(len(paths) / seconds)
+        rows.append({"method": method, "images": len(paths), "seconds": round(seconds, 3), "images_per_s": rate})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
 
 
 def main() -> None:
@@ -224,7 +334,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="dataloader worker processes")
-    parser.add_argument("--num-local", type=int, default=100, help="local descriptors of the second configuration (0: skip it)")
+    parser.add_argument(
+        "--num-local", type=int, default=100, help="local descriptors of the second configuration (0: skip it)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="batches of the untimed warm-up predict (0: none)")
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--image-size", type=int, default=224)
@@ -232,11 +344,23 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--channels-last", action="store_true", help="model and input batches in channels-last layout")
     parser.add_argument("--output", help="also write the rows to this JSON file")
+    parser.add_argument("--merge", action="store_true", help="measure joining shards instead (see above)")
+    parser.add_argument("--merge-images", type=int, default=8000)
+    parser.add_argument("--merge-shards", type=int, default=2)
+    parser.add_argument("--merge-locals", type=int, default=100)
+    parser.add_argument("--header-sizes", type=int, default=0, help="measure reading N image sizes instead")
     parser.add_argument("--root", help=argparse.SUPPRESS)  # images already written (child processes)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
+        return
+    if args.merge or args.header_sizes:
+        rows = merge_benchmark(args) if args.merge else header_size_benchmark(args)
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+        print_table(rows)
+        if args.output:
+            Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
         return
     with tempfile.TemporaryDirectory(prefix="extraction_bench_images_") as root:
         start = time.perf_counter()
@@ -248,9 +372,11 @@ def main() -> None:
             rows.append(run_child(args, args.num_local))
     import torch
 
-    print(f"# {args.backbone} at {args.image_size} px, {args.device} ({args.precision}"
-          f"{', channels-last' if args.channels_last else ''}), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# {args.backbone} at {args.image_size} px, {args.device} ({args.precision}"
+        f"{', channels-last' if args.channels_last else ''}), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     columns = ["config", "images", "batch", "workers", "seconds", "images_per_s", "peak_rss_mib"]
     columns += ["peak_pss_mib", "main_maxrss_mib", "worker_maxrss_mib", "error"]
     print("| " + " | ".join(columns) + " |")

@@ -7,12 +7,18 @@ processes - training follows the same trajectory (up to floating-point summation
 
 Evaluation: each process embeds every ``world_size``-th example; shards are padded to equal length by
 repeating examples from the start, and the evaluation callback drops the repeats by global index.
+
+Prediction (extraction): each process takes one contiguous block of indices (:func:`contiguous_block`), so its
+output is a consecutive range of rows that the final store joins without copying.
+
+Images of different shapes (aspect ratio kept) cannot share a batch: :class:`ShapeBatchSampler` batches
+together the indices whose images are resized to the same shape.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -139,3 +145,37 @@ class ShardSampler(Sampler[int]):
         if self.pad and self.num_examples:
             return math.ceil(self.num_examples / self.world_size)
         return len(range(self.rank, self.num_examples, self.world_size))
+
+
+def contiguous_block(num_examples: int, rank: int = 0, world_size: int = 1) -> range:
+    """Process ``rank``'s block of ``range(num_examples)``: ``world_size`` consecutive blocks, in rank order,
+    whose sizes differ by at most one."""
+    return range(rank * num_examples // world_size, (rank + 1) * num_examples // world_size)
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of ``indices`` whose examples have the same ``shapes`` entry (e.g. the resized image shape).
+
+    Shapes are visited in order of first appearance and, within a shape, indices in the given order; each
+    shape's last batch may be smaller. Every index appears exactly once (repeats included, as given).
+    """
+
+    def __init__(self, indices: Sequence[int], shapes: Sequence[Hashable], batch_size: int):
+        if len(indices) != len(shapes):
+            raise ValueError(f"{len(indices)} indices but {len(shapes)} shapes")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        buckets: dict[Hashable, list[int]] = {}
+        for index, shape in zip(indices, shapes):
+            buckets.setdefault(shape, []).append(int(index))
+        self.batches = [
+            bucket[start : start + batch_size]
+            for bucket in buckets.values()
+            for start in range(0, len(bucket), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

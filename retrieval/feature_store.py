@@ -1,20 +1,29 @@
 """Feature stores: descriptors of one (backbone, dataset, split) in one HDF5 file.
 
-Layout (``format = "retrieval-feature-store"``, ``format_version = 1``)::
+Layout (the minimal store, e.g. written with plain ``h5py``, needs only ``ids`` and ``global`` or ``local``)::
 
-    ids      [N]            UTF-8 image ids (file names relative to the dataset root, or dataset ids)
-    global   [N, D]         global descriptors, float16 or float32, stored contiguously (memory-mappable)
-    local    [N, L, 5 + D]  local descriptors, columns x, y, scale, pad (1 = padding), weight, descriptor...,
-                            sorted by weight, float16 (the layout the AMES authors publish), chunked per image
-    labels   [N]            optional integer labels (class / landmark id), when the split has them
-    attrs    config         JSON of the extraction configuration (backbone, resolution, pooling, ...)
-             num_images     N
+    ids      [N]            image ids: strings (UTF-8 or bytes) or integers, one per image, in dataset order
+    global   [N, D]         global descriptors, any float dtype (float32 or float16 as written by extraction);
+                            stored contiguously, it is memory-mapped when read
+    local    [N, L, 5 + D]  optional local descriptors, columns x, y, scale, pad (1 = padding), weight,
+                            descriptor..., sorted by weight (the layout the AMES authors publish)
+    labels   [N]            optional integer labels (class / landmark id)
+    attrs    format         optional; if present, "retrieval-feature-store"
+             format_version optional; 1
+             num_images     optional; N (derived from ``ids`` when absent)
+             config         optional JSON of the extraction configuration (``{}`` when absent)
 
-``global`` and ``local`` are each optional, but a store holds at least one of them. Image ids and labels are
-datasets rather than attributes because HDF5 attributes are limited to 64 KiB.
+A store holds ``global``, ``local`` or both. Image ids and labels are datasets rather than attributes because
+HDF5 attributes are limited to 64 KiB.
 
 Writing is streaming and resumable: :class:`FeatureStoreWriter` fills ``<name>.partial`` in any order and
 renames it to ``<name>`` only when every row is written, so a file under the final name is always complete.
+It opens the file only for the duration of each call, so no open handle (and no HDF5 file lock) is ever
+inherited by a forked process such as a dataloader worker.
+
+:func:`write_virtual_store` joins stores holding consecutive blocks of rows (the shards of a multi-process
+extraction) into one store without copying descriptors: ``global`` and ``local`` are HDF5 virtual datasets
+pointing at the shards (by paths relative to the joined file), which stay in place. The same reader reads both.
 """
 
 from __future__ import annotations
@@ -28,15 +37,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from retrieval.files import replace_atomically
 from retrieval.validation import check_finite_rows
 
 FORMAT = "retrieval-feature-store"
 FORMAT_VERSION = 1
 LOCAL_COLUMNS = ("x", "y", "scale", "pad", "weight")
 EXPECTED_LAYOUT = (
-    "an HDF5 feature store with attrs format='retrieval-feature-store', num_images=N, config=<json> and "
-    "datasets ids [N] (strings), global [N, D] and/or local [N, L, 5 + D] (x, y, scale, pad, weight, "
-    "descriptor...), optionally labels [N]"
+    "an HDF5 feature store with datasets ids [N] (strings or integers), global [N, D] and/or local "
+    "[N, L, 5 + D] (x, y, scale, pad, weight, descriptor...), optionally labels [N] (integers), and optional "
+    "attrs format='retrieval-feature-store', num_images=N, config=<json>"
 )
 _FINITE_CHECK_ROWS = 65536
 
@@ -62,19 +72,26 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({error}); expected {EXPECTED_LAYOUT}")
 
     def _read_header(self, f: h5py.File) -> None:
-        if f.attrs.get("format") != FORMAT:
-            raise FeatureStoreError(f"{self.path} has no format='{FORMAT}' attribute; expected {EXPECTED_LAYOUT}")
+        # A store written by hand may omit every attribute; one that names another format is refused.
+        if "format" in f.attrs and _as_str(f.attrs["format"]) != FORMAT:
+            raise FeatureStoreError(
+                f"{self.path} has format={_as_str(f.attrs['format'])!r}, not '{FORMAT}'; expected {EXPECTED_LAYOUT}"
+            )
         if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
             raise FeatureStoreError(
                 f"{self.path} has format_version {f.attrs['format_version']}, newer than this code reads "
                 f"({FORMAT_VERSION}); update the package"
             )
         if "ids" not in f or not ({"global", "local"} & set(f.keys())):
-            raise FeatureStoreError(
-                f"{self.path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}"
-            )
-        self.num_images = int(f.attrs["num_images"])
-        self.config = json.loads(f.attrs.get("config", "{}"))
+            raise FeatureStoreError(f"{self.path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}")
+        for name, ndim in (("ids", 1), ("global", 2), ("local", 3), ("labels", 1)):
+            if name in f and (not isinstance(f[name], h5py.Dataset) or f[name].ndim != ndim):
+                raise FeatureStoreError(f"{self.path}: '{name}' must be a {ndim}-d dataset; expected {EXPECTED_LAYOUT}")
+        self.num_images = int(f.attrs["num_images"]) if "num_images" in f.attrs else int(f["ids"].shape[0])
+        try:
+            self.config = json.loads(_as_str(f.attrs.get("config", "{}")) or "{}")
+        except json.JSONDecodeError as error:
+            raise FeatureStoreError(f"{self.path}: attribute 'config' is not JSON ({error})") from None
         for name in ("ids", "global", "local", "labels"):
             if name in f and f[name].shape[0] != self.num_images:
                 raise FeatureStoreError(
@@ -86,6 +103,21 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"{self.path}: local descriptors have {self.local_shape[1]} columns; expected 5 + D "
                 f"({', '.join(LOCAL_COLUMNS)}, descriptor...)"
+            )
+        #: Shard files a joined store reads through (empty for an ordinary store).
+        self.sources = sorted(
+            {
+                self.path.parent / source.file_name
+                for name in ("global", "local")
+                if name in f and f[name].is_virtual
+                for source in f[name].virtual_sources()
+            }
+        )
+        missing = [str(source) for source in self.sources if not source.is_file()]
+        if missing:
+            raise FeatureStoreError(
+                f"{self.path} joins shards that are missing: {', '.join(missing)}; keep the shards next to it "
+                "(the joined file only points at them), or extract again"
             )
 
     @cached_property
@@ -115,14 +147,17 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.path} holds no global descriptors; expected {EXPECTED_LAYOUT}")
         with h5py.File(self.path, "r") as f:
             dataset = f["global"]
-            offset = dataset.id.get_offset()
+            # A joined (virtual) store has no offset: HDF5 reads it from each shard in turn.
+            offset = None if dataset.is_virtual else dataset.id.get_offset()
             mappable = memory_map and offset is not None and dataset.chunks is None and dataset.compression is None
             if mappable:
                 array = np.memmap(self.path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
             else:
                 array = dataset[()]
         for start in range(0, len(array), _FINITE_CHECK_ROWS):
-            check_finite_rows(np.asarray(array[start : start + _FINITE_CHECK_ROWS]), f"{self.path} (global, from row {start})")
+            check_finite_rows(
+                np.asarray(array[start : start + _FINITE_CHECK_ROWS]), f"{self.path} (global, from row {start})"
+            )
         return array
 
     def local_descriptors(self, rows: Sequence[int] | slice) -> np.ndarray:
@@ -143,10 +178,11 @@ class FeatureStore:
 class FeatureStoreWriter:
     """Streaming, resumable writer of a feature store.
 
-    Rows may arrive in any order (e.g. from several processes' shards, merged by one). Opening a writer
+    Rows may arrive in any order (e.g. a bucketed dataloader, or several processes' shards). Opening a writer
     whose ``<path>.partial`` exists continues it, provided ids, shapes and config match; :meth:`missing_rows`
     tells what is left. :meth:`finalize` (also called on leaving a ``with`` block without error) checks
-    that every row is written and atomically renames the file.
+    that every row is written and atomically renames the file. The file is open only within each call (see
+    the module docstring: a handle held across calls would be inherited, with its lock, by forked workers).
     """
 
     def __init__(
@@ -171,24 +207,23 @@ class FeatureStoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial_path.exists():
             try:
-                self._file = h5py.File(self.partial_path, "r+")
+                f = h5py.File(self.partial_path, "r")
             except OSError as error:
                 raise FeatureStoreError(
                     f"cannot resume {self.partial_path}: it is unreadable ({error}), e.g. the writing process was "
                     "killed while HDF5 was updating it; delete it to start over"
                 ) from error
-            self._check_resumable(ids, labels, config_json, global_dtype, local_dtype)
+            with f:
+                self._check_resumable(f, ids, labels, config_json, global_dtype, local_dtype)
         else:
-            self._file = h5py.File(self.partial_path, "w")
             try:
-                self._create(ids, labels, config_json, global_dtype, local_dtype)
+                with h5py.File(self.partial_path, "w") as f:
+                    self._create(f, ids, labels, config_json, global_dtype, local_dtype)
             except BaseException:
-                self._file.close()
-                self.partial_path.unlink()
+                self.partial_path.unlink(missing_ok=True)
                 raise
 
-    def _create(self, ids, labels, config_json, global_dtype, local_dtype) -> None:
-        f = self._file
+    def _create(self, f: h5py.File, ids, labels, config_json, global_dtype, local_dtype) -> None:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["num_images"] = self.num_images
@@ -207,8 +242,7 @@ class FeatureStoreWriter:
             )
         f.create_dataset("written", shape=(self.num_images,), dtype=bool, fillvalue=False)
 
-    def _check_resumable(self, ids, labels, config_json, global_dtype, local_dtype) -> None:
-        f = self._file
+    def _check_resumable(self, f: h5py.File, ids, labels, config_json, global_dtype, local_dtype) -> None:
         problems = []
         if _read_ids(f) != [str(i) for i in ids]:
             problems.append("image ids differ")
@@ -219,7 +253,10 @@ class FeatureStoreWriter:
             labels is not None and not np.array_equal(np.asarray(labels, dtype=np.int64), stored_labels)
         ):
             problems.append("labels differ")
-        for name, expected, dtype in (("global", self.global_dim, global_dtype), ("local", self.local_shape, local_dtype)):
+        for name, expected, dtype in (
+            ("global", self.global_dim, global_dtype),
+            ("local", self.local_shape, local_dtype),
+        ):
             if (expected is None) != (name not in f):
                 problems.append(f"{name} descriptors were {'not ' if expected is not None else ''}declared before")
             elif expected is not None:
@@ -227,13 +264,12 @@ class FeatureStoreWriter:
                 if shape != expected or f[name].dtype != np.dtype(dtype):
                     problems.append(f"{name} descriptor shape or dtype differs")
         if problems:
-            self._file.close()
             raise FeatureStoreError(
                 f"cannot resume {self.partial_path}: {', '.join(problems)}; delete it to start over"
             )
 
     def missing_rows(self) -> np.ndarray:
-        return np.flatnonzero(~self._file["written"][()])
+        return partial_missing_rows(self.path)
 
     def write(self, rows, global_descriptors=None, local_descriptors=None) -> None:
         """Write descriptors of the given row indices (any order, no repeats)."""
@@ -243,36 +279,34 @@ class FeatureStoreWriter:
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.num_images or np.any(rows[1:] == rows[:-1])):
             raise ValueError(f"rows must be distinct indices in [0, {self.num_images})")
         selection = _as_selection(rows)
-        for name, values, expected in (
-            ("global", global_descriptors, self.global_dim),
-            ("local", local_descriptors, self.local_shape),
-        ):
-            if expected is None:
-                if values is not None:
-                    raise ValueError(f"this store was declared without {name} descriptors")
-                continue
-            if values is None:
-                raise ValueError(f"{name} descriptors are missing for rows {rows[:5].tolist()}...")
-            values = _to_numpy(values)
-            if len(values) != len(rows):
-                raise ValueError(f"{len(values)} rows of {name} descriptors given for {len(rows)} row indices")
-            # Checked in the stored dtype: a value that overflows float16 becomes Inf there.
-            with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
-                values = values[order].astype(self._file[name].dtype, copy=False)
-            check_finite_rows(values, f"{name} descriptors for {self.path.name}")
-            self._file[name][selection] = values
-        self._file["written"][selection] = True
-        # Flushed per call, so a process killed between calls leaves a file that resumes.
-        self._file.flush()
+        # Closed again at the end of the call, which also flushes it: a process killed between calls leaves a
+        # file that resumes.
+        with h5py.File(self.partial_path, "r+") as f:
+            for name, values, expected in (
+                ("global", global_descriptors, self.global_dim),
+                ("local", local_descriptors, self.local_shape),
+            ):
+                if expected is None:
+                    if values is not None:
+                        raise ValueError(f"this store was declared without {name} descriptors")
+                    continue
+                if values is None:
+                    raise ValueError(f"{name} descriptors are missing for rows {rows[:5].tolist()}...")
+                values = _to_numpy(values)
+                if len(values) != len(rows):
+                    raise ValueError(f"{len(values)} rows of {name} descriptors given for {len(rows)} row indices")
+                # Checked in the stored dtype: a value that overflows float16 becomes Inf there.
+                with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
+                    values = values[order].astype(f[name].dtype, copy=False)
+                check_finite_rows(values, f"{name} descriptors for {self.path.name}")
+                f[name][selection] = values
+            f["written"][selection] = True
 
     def finalize(self) -> Path:
-        self._file.close()
         return finalize_partial(self.path)
 
     def close(self) -> None:
-        """Close without finalising: the ``.partial`` file stays for a later resume."""
-        if self._file.id.valid:
-            self._file.close()
+        """Leave the ``.partial`` file for a later resume (nothing is held open between calls)."""
 
     def __enter__(self) -> FeatureStoreWriter:
         return self
@@ -280,8 +314,6 @@ class FeatureStoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finalize()
-        else:
-            self.close()
 
 
 def partial_missing_rows(path: str | os.PathLike) -> np.ndarray | None:
@@ -293,7 +325,9 @@ def partial_missing_rows(path: str | os.PathLike) -> np.ndarray | None:
         with h5py.File(partial, "r") as f:
             return np.flatnonzero(~f["written"][()])
     except (OSError, KeyError) as error:
-        raise FeatureStoreError(f"cannot resume {partial}: it is unreadable ({error}); delete it to start over") from error
+        raise FeatureStoreError(
+            f"cannot resume {partial}: it is unreadable ({error}); delete it to start over"
+        ) from error
 
 
 def finalize_partial(path: str | os.PathLike) -> Path:
@@ -309,6 +343,52 @@ def finalize_partial(path: str | os.PathLike) -> Path:
             )
         del f["written"]
     os.replace(partial, path)
+    return path
+
+
+def write_virtual_store(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    shards: Sequence[tuple[int, str | os.PathLike]],
+    labels: Sequence[int] | None = None,
+    config: dict | None = None,
+) -> Path:
+    """Join complete stores holding consecutive rows into the store ``path`` without copying descriptors.
+
+    ``shards``: ``(first row, store path)`` in row order; each store holds the rows from its first row to the
+    next one's (the last to ``len(ids)``), with the same descriptor shapes. ``global`` and ``local`` of the
+    joined file are virtual datasets reading the shards through paths relative to ``path``, so the directory can
+    be moved as a whole. Written to a temporary name and renamed, like every store.
+    """
+    path = Path(path)
+    stores = [FeatureStore(shard) for _, shard in shards]
+    starts = [int(start) for start, _ in shards] + [len(ids)]
+    for store, start, stop in zip(stores, starts, starts[1:]):
+        if store.num_images != stop - start:
+            raise FeatureStoreError(f"{store.path} holds {store.num_images} rows, expected rows {start}..{stop - 1}")
+        if (store.global_dim, store.local_shape) != (stores[0].global_dim, stores[0].local_shape):
+            raise FeatureStoreError(f"{store.path}: descriptor shapes differ from {stores[0].path}")
+    if starts[0] != 0:
+        raise FeatureStoreError(f"the first shard starts at row {starts[0]}, not 0")
+    with replace_atomically(path) as temporary:
+        with h5py.File(temporary, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["num_images"] = len(ids)
+            f.attrs["config"] = json.dumps(config or {}, sort_keys=True)
+            f.create_dataset("ids", data=np.array([str(i) for i in ids], dtype=object), dtype=h5py.string_dtype())
+            if labels is not None:
+                f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            for name in ("global", "local"):
+                with h5py.File(stores[0].path, "r") as first:
+                    if name not in first:
+                        continue
+                    row_shape, dtype = first[name].shape[1:], first[name].dtype
+                layout = h5py.VirtualLayout(shape=(len(ids), *row_shape), dtype=dtype)
+                for store, start, stop in zip(stores, starts, starts[1:]):
+                    source = os.path.relpath(store.path, path.parent)
+                    layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *row_shape))
+                f.create_virtual_dataset(name, layout)
     return path
 
 
@@ -338,6 +418,10 @@ def write_feature_store(
     ) as writer:
         writer.write(np.arange(len(ids)), global_descriptors, local_descriptors)
     return Path(path)
+
+
+def _as_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _read_ids(f: h5py.File) -> list[str]:

@@ -29,3 +29,11 @@ class KillAtPredictBatch(pl.Callback):
         if self.started >= self.batches:
             os.kill(os.getpid(), signal.SIGKILL)
         self.started += 1
+
+
+class FailAtPredictEnd(pl.Callback):
+    """Raise once every batch of ``predict`` has been handed to the other callbacks, on every process: a crash
+    between the last written row and the finishing of the stores."""
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        raise RuntimeError("simulated crash after the last predicted batch")

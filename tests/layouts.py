@@ -105,7 +105,9 @@ def gldv2_id(n: int, prefix: str) -> str:
     return f"{prefix}{n:015x}"
 
 
-def write_gldv2(root: Path, train_per_class: dict[int, int], solution: list[tuple[str, list[int] | None]], num_index: int) -> dict:
+def write_gldv2(
+    root: Path, train_per_class: dict[int, int], solution: list[tuple[str, list[int] | None]], num_index: int
+) -> dict:
     """The five CSV files and the images.
 
     ``solution`` is one ``(usage, index positions or None)`` per test query; usage is Public, Private or Ignored.
@@ -140,13 +142,18 @@ def write_gldv2(root: Path, train_per_class: dict[int, int], solution: list[tupl
 # ---- Revisited Oxford / Paris -------------------------------------------------------------------------------------
 
 
-def write_revisited(root: Path, name: str, num_database: int, gnd: list[dict], size=(64, 48)) -> dict:
-    """``<name>/gnd_<name>.pkl`` (imlist, qimlist, gnd) and ``<name>/jpg/*.jpg``; query boxes inside ``size``."""
+def write_revisited(
+    root: Path, name: str, num_database: int, gnd: list[dict], size=(64, 48), database_sizes: list | None = None
+) -> dict:
+    """``<name>/gnd_<name>.pkl`` (imlist, qimlist, gnd) and ``<name>/jpg/*.jpg``; query boxes inside ``size``.
+
+    ``database_sizes``: (width, height) of the database images, cycled (default: all ``size``)."""
     prefix = "oxford" if name == "roxford5k" else "paris"
     imlist = [f"{prefix}_{i:06d}" for i in range(num_database)]
     qimlist = [f"{prefix}_query_{j:06d}" for j in range(len(gnd))]
     for i, image in enumerate(imlist):
-        write_jpeg(root / name / "jpg" / f"{image}.jpg", size=size, seed=i)
+        image_size = database_sizes[i % len(database_sizes)] if database_sizes else size
+        write_jpeg(root / name / "jpg" / f"{image}.jpg", size=image_size, seed=i)
     for j, image in enumerate(qimlist):
         write_jpeg(root / name / "jpg" / f"{image}.jpg", size=size, seed=500 + j)
     entries = [{"bbx": [4.5, 2.0, size[0] - 8.5, size[1] - 3.0], **g} for g in gnd]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
-from layouts import write_distractors, write_revisited
+from conftest import REPO, run_cli
+from layouts import write_distractors, write_gldv2, write_pittsburgh_mat, write_revisited, write_sop
 
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.nn.backbones import gem, top_weighted
@@ -97,10 +97,14 @@ def test_resnet_has_no_cls_token():
 
 # ---- predict: feature stores ------------------------------------------------------------------------------------
 
-GND = [{"easy": [0, 3], "hard": [5], "junk": [1]}, {"easy": [2], "hard": [4, 6], "junk": []}, {"easy": [7], "hard": [], "junk": [0]}]
+GND = [
+    {"easy": [0, 3], "hard": [5], "junk": [1]},
+    {"easy": [2], "hard": [4, 6], "junk": []},
+    {"easy": [7], "hard": [], "junk": [0]},
+]
 
 
-def write_extraction_config(path, output_dir="features/tiny/revisited", extra_trainer="", batch_size=1):
+def write_extraction_config(path, output_dir="features/tiny/revisited", extra_trainer="", batch_size=1, num_workers=2):
     path.write_text(
         f"""
 model:
@@ -119,6 +123,7 @@ data:
     image_size: 56
     multiple_of: 14
     eval_batch_size: {batch_size}
+    num_workers: {num_workers}
 predictions:
   output_dir: {output_dir}
   neighbours: 5
@@ -130,10 +135,14 @@ trainer:
     return path
 
 
+# Database images of three shapes: batches of a longer-side resize are formed by shape.
+DATABASE_SIZES = [(64, 48), (48, 64), (64, 64)]
+
+
 @pytest.fixture
 def revisited_layout(tmp_path):
     for name in ("roxford5k", "rparis6k"):
-        write_revisited(tmp_path / "data/revisited", name, num_database=9, gnd=GND)
+        write_revisited(tmp_path / "data/revisited", name, num_database=9, gnd=GND, database_sizes=DATABASE_SIZES)
     write_distractors(tmp_path / "data/revisited", 6)
     return tmp_path
 
@@ -157,14 +166,31 @@ def assert_same_stores(a: dict, b: dict) -> None:
 LISTS = ["roxford5k_query", "roxford5k_database", "rparis6k_query", "rparis6k_database", "revisitop1m"]
 
 
+FAIL_AT_END = "  callbacks:\n    - class_path: helpers.FailAtPredictEnd\n"
+
+
 @pytest.mark.slow
 def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a_kill(revisited_layout):
     workdir = revisited_layout
+    # With loader workers (2): a crash after the last row was written leaves only .partial files ...
+    crashed = write_extraction_config(workdir / "crashed.yaml", extra_trainer=FAIL_AT_END)
+    result = run_cli("predict", "--config", str(crashed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode != 0 and "simulated crash after the last predicted batch" in result.stderr
+    out = workdir / "features/tiny/revisited"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.h5.partial" for n in LISTS)
+    # ... and running the command again, with nothing left to predict, finishes every store.
     config = write_extraction_config(workdir / "extract.yaml")
-    run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    assert "resuming extraction: 30 of 30 images already written" in result.stdout + result.stderr
+    assert not list(out.glob("*.partial"))
+    printed = result.stdout + result.stderr
+    for name in LISTS:  # where it wrote, once
+        assert printed.count(f"features/tiny/revisited/{name}.h5 (") == 1
     out = workdir / "features/tiny/revisited"
     stores = read_stores(out)
-    assert sorted(stores) == sorted([f"{n}.h5" for n in LISTS] + ["roxford5k+1m_neighbours.h5", "rparis6k+1m_neighbours.h5"])
+    assert sorted(stores) == sorted(
+        [f"{n}.h5" for n in LISTS] + ["roxford5k+1m_neighbours.h5", "rparis6k+1m_neighbours.h5"]
+    )
     # Reload: the rows are the module's descriptors of the images, in list order.
     from datamodules import RevisitedOxfordParis
 
@@ -177,11 +203,15 @@ def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a
     assert np.array_equal(store.global_descriptors()[2], global_descriptor[0].numpy())
     assert np.array_equal(store.local_descriptors([2])[0], local[0].numpy().astype(np.float16))
     # Neighbours: the exact top-5 of each query in database + distractors.
-    database = np.concatenate([FeatureStore(out / f"{n}.h5").global_descriptors() for n in ("roxford5k_database", "revisitop1m")])
+    database = np.concatenate(
+        [FeatureStore(out / f"{n}.h5").global_descriptors() for n in ("roxford5k_database", "revisitop1m")]
+    )
     scores = store.global_descriptors() @ database.T
     neighbours = stores["roxford5k+1m_neighbours.h5"]
     np.testing.assert_allclose(neighbours["scores"], -np.sort(-scores, axis=1)[:, :5], rtol=1e-6)
-    np.testing.assert_allclose(np.take_along_axis(scores, neighbours["indices"], axis=1), neighbours["scores"], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.take_along_axis(scores, neighbours["indices"], axis=1), neighbours["scores"], rtol=1e-6
+    )
 
     # Running again finds everything written and changes nothing.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if "neighbours" not in p.name}
@@ -207,15 +237,27 @@ def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a
 
 @pytest.mark.slow
 def test_one_and_two_processes_write_identical_stores(revisited_layout):
+    """One process with batches of 1; two processes with batches of 4 formed by image shape (any order within
+    a process's block), crashed after the last batch and resumed: the same stores, the two-process ones
+    joining the shards without copying them."""
     workdir = revisited_layout
+    ddp = "  accelerator: cpu\n  devices: 2\n  strategy: ddp\n"
     one = write_extraction_config(workdir / "one.yaml", output_dir="features/one")
-    two = write_extraction_config(
-        workdir / "two.yaml", output_dir="features/two", extra_trainer="  accelerator: cpu\n  devices: 2\n  strategy: ddp\n"
+    crashed = write_extraction_config(
+        workdir / "crash2.yaml", output_dir="features/two", batch_size=4, extra_trainer=ddp + FAIL_AT_END
     )
+    two = write_extraction_config(workdir / "two.yaml", output_dir="features/two", batch_size=4, extra_trainer=ddp)
     run_cli("predict", "--config", str(one), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
-    run_cli("predict", "--config", str(two), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
-    assert not (workdir / "features/two/.shards").exists()
+    result = run_cli("predict", "--config", str(crashed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode != 0 and not list((workdir / "features/two").glob("*.h5"))
+    result = run_cli("predict", "--config", str(two), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    assert "resuming extraction: 30 of 30 images already written" in result.stdout + result.stderr
     assert_same_stores(read_stores(workdir / "features/one"), read_stores(workdir / "features/two"))
+    joined = FeatureStore(workdir / "features/two/roxford5k_database.h5")
+    assert [p.name for p in joined.sources] == [f"roxford5k_database.rank{r}of2.h5" for r in range(2)]
+    single = FeatureStore(workdir / "features/one/roxford5k_database.h5")
+    assert np.array_equal(joined.global_descriptors(), single.global_descriptors())
+    assert np.array_equal(joined.local_descriptors([8, 0, 4]), single.local_descriptors([8, 0, 4]))
 
 
 @pytest.mark.slow
@@ -228,7 +270,7 @@ def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_lay
 seed_everything: 0
 model:
   class_path: lightning_modules.AESVC
-  init_args: {latent_dim: 8, hidden_dims: [32]}
+  init_args: {latent_dim: 4, hidden_dims: [32]}
 data:
   class_path: datamodules.RevisitedOxfordParis
   init_args:
@@ -244,13 +286,19 @@ trainer:
 """
     )
     run_cli("fit", "--config", "aesvc.yaml", cwd=workdir)
+    # Revisited has no validation data (nothing is selected on its test split): score the last checkpoint.
+    run_cli("test", "--config", "aesvc.yaml", "--ckpt_path", "runs/aesvc/version_0/checkpoints/last.ckpt", cwd=workdir)
     metrics = json.loads((workdir / "runs/aesvc/version_0/metrics.json").read_text())
     for name in ("roxford5k", "rparis6k"):
         for setup in ("easy", "medium", "hard"):
-            assert 0.0 < metrics[f"val/{name}/{setup}/mAP"] <= 1.0
-    expected_rop = np.mean([metrics[f"val/{n}/{s}/mAP"] for n in ("roxford5k", "rparis6k") for s in ("medium", "hard")])
-    assert metrics["val/rop/mAP"] == pytest.approx(expected_rop)
-    assert math.isfinite(metrics["val/rop/mAP"]) and os.path.isfile(workdir / "runs/aesvc/version_0/checkpoints/last.ckpt")
+            assert 0.0 < metrics[f"test/{name}/{setup}/mAP"] <= 1.0
+    expected_rop = np.mean(
+        [metrics[f"test/{n}/{s}/mAP"] for n in ("roxford5k", "rparis6k") for s in ("medium", "hard")]
+    )
+    assert metrics["test/rop/mAP"] == pytest.approx(expected_rop)
+    assert math.isfinite(metrics["test/rop/mAP"]) and os.path.isfile(
+        workdir / "runs/aesvc/version_0/checkpoints/last.ckpt"
+    )
 
 
 def test_offline_without_weights_gives_a_one_line_error(tmp_path):
@@ -266,3 +314,157 @@ def test_offline_without_weights_gives_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert "cannot load pretrained weights of vit_small_patch14_dinov2.lvd142m (HF_HUB_OFFLINE is set)" in result.stderr
     assert "model.init_args.checkpoint_path" in result.stderr
+
+
+# ---- batches of images of the same shape (longer-side resize) ---------------------------------------------------
+
+
+def test_longer_side_batches_by_shape_give_the_descriptors_of_batch_one(tmp_path):
+    from datamodules import RevisitedOxfordParis
+
+    write_revisited(tmp_path / "revisited", "roxford5k", num_database=9, gnd=GND, database_sizes=DATABASE_SIZES)
+    write_revisited(tmp_path / "revisited", "rparis6k", num_database=9, gnd=GND)
+    data = RevisitedOxfordParis(str(tmp_path / "revisited"), image_size=56, multiple_of=14, eval_batch_size=2)
+    database, queries = data.dataset("roxford5k_database"), data.dataset("roxford5k_query")
+    # Shapes predicted from the headers (and, for queries, the crop boxes) are those of the decoded images.
+    for dataset in (database, queries):
+        predicted = dataset.resized_shapes(range(len(dataset)))
+        assert predicted == [tuple(dataset[i]["image"].shape[1:]) for i in range(len(dataset))]
+    assert sorted(set(database.resized_shapes(range(9)))) == [(42, 56), (56, 42), (56, 56)]
+
+    block = [7, 1, 3, 0, 4, 6, 2, 8]  # any order, e.g. what a resumed process has left
+    loader = data.sharded_dataloader(database, block)
+    batches = list(loader)
+    assert [b["index"].tolist() for b in batches] == [[7, 1], [4], [3, 0], [6], [2, 8]]
+    model = tiny_extractor(num_local=6)
+    for batch in batches:
+        global_batch, local_batch = model.extractor(batch["image"], batch["to_original"])
+        for row, index in enumerate(batch["index"].tolist()):
+            example = database[index]
+            global_one, local_one = model.extractor(example["image"][None], example["to_original"][None])
+            torch.testing.assert_close(global_batch[row], global_one[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(local_batch[row], local_one[0], rtol=0, atol=1e-5)
+
+
+# ---- the shipped extraction configs, as written --------------------------------------------------------------------
+
+SHIPPED = sorted((REPO / "configs/extract").glob("*.yaml"))
+DATASET_ROOTS = {name: name for name in ("sop", "pitts30k", "gldv2", "revisited")} | {"revisited1m": "revisited"}
+
+
+def tiny_backbone_overrides(config_path) -> list[str]:
+    """Only the backbone's size (random weights) and the image size: four patches / cells a side, at which the
+    generated Revisited database images get three different shapes."""
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    size = 4 * config["data"]["init_args"]["multiple_of"]
+    if config["model"]["init_args"]["backbone"].startswith("resnet"):
+        model_kwargs = {"layers": [1, 1, 1, 1]}
+    else:
+        model_kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": size}
+    return [
+        "--model.init_args.pretrained=false",
+        f"--model.init_args.model_kwargs={json.dumps(model_kwargs)}",
+        f"--data.init_args.image_size={size}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def dataset_layouts(tmp_path_factory):
+    """Each benchmark in its published layout, a few images each; enough GLDv2 landmarks with the shipped
+    selection (11 images or more)."""
+    root = tmp_path_factory.mktemp("layouts")
+    write_sop(root / "sop", train_classes=4, test_classes=2, per_class=2)
+    utm = np.array([[0.0, 0.0], [10.0, 0.0], [100.0, 0.0]])
+    for split in ("train", "val", "test"):
+        write_pittsburgh_mat(root / "pitts30k", split, utm, utm[:2] + 1.0)
+    write_gldv2(root / "gldv2", {1: 11, 2: 11}, [("Public", [0]), ("Private", [1])], num_index=3)
+    for name in ("roxford5k", "rparis6k"):
+        write_revisited(root / "revisited", name, num_database=8, gnd=GND, database_sizes=DATABASE_SIZES)
+    write_distractors(root / "revisited", 3)
+    return root
+
+
+def shipped_cli(config_path, layouts, output_dir, run: bool, extra=()):
+    from lightning_modules.cli import RetrievalCLI
+
+    dataset = config_path.stem.rsplit("_", 1)[1]
+    args = [
+        *(["predict"] if run else []),  # built without running: no subcommand
+        "--config",
+        str(config_path),
+        *tiny_backbone_overrides(config_path),
+        f"--data.init_args.root={layouts / DATASET_ROOTS[dataset]}",
+        f"--predictions.output_dir={output_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+    return RetrievalCLI(args=args, run=run)
+
+
+@pytest.mark.parametrize("config_path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_extraction_config_extracts_a_batch(config_path, dataset_layouts, tmp_path, monkeypatch):
+    """Each config as written (workers, batch sizes, resizing, pooling, locals, precision): built by the
+    command line, one batch of its first predicted list through its model (workers: see the end-to-end test)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load(config_path.read_text())
+    cli = shipped_cli(config_path, dataset_layouts, tmp_path / "features", run=False)
+    data, model = cli.datamodule, cli.model
+    assert (data.num_workers, data.batch_size, data.eval_batch_size) == tuple(
+        shipped["data"]["init_args"][k] for k in ("num_workers", "batch_size", "eval_batch_size")
+    )
+    assert cli.trainer.precision == shipped["trainer"]["precision"].split()[0]
+    data.setup("predict")
+    loader = data.predict_dataloader()[0]
+    indices = next(iter(loader.batch_sampler))
+    batch = loader.collate_fn([loader.dataset[i] for i in indices])
+    outputs = model.predict_step(batch, 0)
+    embeddings = outputs["embeddings"]
+    assert embeddings.shape == (len(indices), model.retrieval_dim)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(indices)))
+    num_local = shipped["model"]["init_args"]["num_local"]
+    assert ("local" in outputs) == (num_local > 0)
+    if num_local:
+        assert outputs["local"].shape == (len(indices), num_local, 5 + model.retrieval_dim)
+
+
+END_TO_END = [
+    "dinov2_vits14_sop",
+    "resnet50_pitts30k",
+    "clip_vitb16_gldv2",
+    "dinov2_vitb14_reg_revisited",
+    "vit_b16_revisited1m",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", END_TO_END)
+def test_shipped_extraction_config_runs_end_to_end(name, dataset_layouts, tmp_path, monkeypatch):
+    """One config per dataset, whole ``predict`` with the shipped loader workers (8) and batch sizes."""
+    monkeypatch.chdir(tmp_path)
+    config_path = REPO / "configs/extract" / f"{name}.yaml"
+    cli = shipped_cli(config_path, dataset_layouts, tmp_path / "features", run=True)
+    lists = cli.datamodule.predict_list_names()
+    stores = sorted(p.name for p in (tmp_path / "features").glob("*.h5") if "neighbours" not in p.name)
+    assert stores == sorted(f"{n}.h5" for n in lists)
+    for list_name in lists:
+        store = FeatureStore(tmp_path / "features" / f"{list_name}.h5")
+        assert store.ids == cli.datamodule.lists[list_name].paths
+        assert store.has_local == (cli.model.hparams.num_local > 0)
+
+
+def test_a_predict_that_leaves_rows_unwritten_fails_naming_the_store(dataset_layouts, tmp_path, monkeypatch):
+    """Exit status 0 must mean complete stores: a run that stops early (here: half the batches of each list) is an error."""
+    from retrieval.feature_store import FeatureStoreError
+
+    monkeypatch.chdir(tmp_path)
+    config_path = REPO / "configs/extract/dinov2_vits14_revisited.yaml"
+    extra = ["--trainer.limit_predict_batches=0.5", "--data.init_args.num_workers=0"]
+    extra += ["--data.init_args.predict_lists=[roxford5k_database]"]  # three shapes: three batches
+    with pytest.raises(FeatureStoreError, match=r"roxford5k_database.h5.partial: 5 of 8 rows were never written"):
+        shipped_cli(config_path, dataset_layouts, tmp_path / "features", run=True, extra=extra)
+    assert not (tmp_path / "features/roxford5k_database.h5").exists()

@@ -6,7 +6,13 @@ import h5py
 import numpy as np
 import pytest
 
-from retrieval.feature_store import FeatureStore, FeatureStoreError, FeatureStoreWriter, write_feature_store
+from retrieval.feature_store import (
+    FeatureStore,
+    FeatureStoreError,
+    FeatureStoreWriter,
+    write_feature_store,
+    write_virtual_store,
+)
 
 
 @pytest.fixture
@@ -84,19 +90,25 @@ def test_reading_refuses_non_finite_descriptors_naming_the_file(tmp_path, descri
     path = write_feature_store(tmp_path / "store.h5", ids, global_descriptors)
     with h5py.File(path, "r+") as f:
         f["global"][4, 0] = np.inf
-    with pytest.raises(ValueError, match=r"store.h5 \(global, from row 0\): 1 of 50 rows contain NaN or Inf values \(rows 4\)"):
+    with pytest.raises(
+        ValueError, match=r"store.h5 \(global, from row 0\): 1 of 50 rows contain NaN or Inf values \(rows 4\)"
+    ):
         FeatureStore(path).global_descriptors()
 
 
 def test_missing_file_names_path_and_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"feature store .*nowhere.h5 not found; expected an HDF5 feature store"):
+    with pytest.raises(
+        FileNotFoundError, match=r"feature store .*nowhere.h5 not found; expected an HDF5 feature store"
+    ):
         FeatureStore(tmp_path / "nowhere.h5")
 
 
 def test_not_an_hdf5_file(tmp_path):
     path = tmp_path / "store.h5"
     path.write_text("id,descriptor\n")
-    with pytest.raises(FeatureStoreError, match=r"store.h5 is not a readable HDF5 file .* expected an HDF5 feature store"):
+    with pytest.raises(
+        FeatureStoreError, match=r"store.h5 is not a readable HDF5 file .* expected an HDF5 feature store"
+    ):
         FeatureStore(path)
 
 
@@ -176,3 +188,106 @@ def test_a_failed_creation_leaves_nothing_behind(tmp_path, descriptors):
     with pytest.raises(ValueError, match="3 labels for 50 images"):
         FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16, labels=[1, 2, 3])
     assert not (tmp_path / "store.h5.partial").exists()
+
+
+def test_a_store_written_by_plain_h5py_from_the_readme(tmp_path):
+    """The README's minimal layout: ids and global (and optional labels), no attributes at all."""
+    rng = np.random.default_rng(1)
+    ids = [f"img_{i}.jpg" for i in range(5)]
+    descriptors = rng.standard_normal((5, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "mine.h5", "w") as f:
+        f["ids"] = ids  # h5py stores a list of str as variable-length strings
+        f["global"] = descriptors
+        f["labels"] = [3, 3, 1, 2, 1]
+    store = FeatureStore(tmp_path / "mine.h5")
+    assert store.ids == ids and store.num_images == 5 and store.config == {} and store.global_dim == 8
+    assert isinstance(store.global_descriptors(), np.memmap)
+    np.testing.assert_array_equal(store.global_descriptors(), descriptors)
+    np.testing.assert_array_equal(store.labels, [3, 3, 1, 2, 1])
+    # Locals only, integer ids.
+    local = rng.standard_normal((5, 4, 5 + 8)).astype(np.float16)
+    with h5py.File(tmp_path / "locals.h5", "w") as f:
+        f["ids"] = np.arange(5)
+        f["local"] = local
+    store = FeatureStore(tmp_path / "locals.h5")
+    assert store.ids == ["0", "1", "2", "3", "4"] and store.local_shape == (4, 13) and not store.has_global
+    np.testing.assert_array_equal(store.local_descriptors([4, 0]), local[[4, 0]])
+
+
+def test_a_hand_written_store_of_another_format_or_shape_is_refused(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["ids"] = ["a", "b"]
+        f["global"] = np.zeros((2, 4), np.float32)
+        f.attrs["format"] = "someone-elses-format"
+    with pytest.raises(FeatureStoreError, match=r"other.h5 has format='someone-elses-format'.*expected an HDF5"):
+        FeatureStore(tmp_path / "other.h5")
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["ids"] = ["a", "b"]
+        f["global"] = np.zeros(8, np.float32)
+    with pytest.raises(FeatureStoreError, match="flat.h5: 'global' must be a 2-d dataset"):
+        FeatureStore(tmp_path / "flat.h5")
+    with h5py.File(tmp_path / "short.h5", "w") as f:
+        f["ids"] = ["a", "b", "c"]
+        f["global"] = np.zeros((2, 4), np.float32)
+    with pytest.raises(FeatureStoreError, match="short.h5: dataset 'global' has 2 rows but num_images is 3"):
+        FeatureStore(tmp_path / "short.h5")
+
+
+def test_joined_shards_read_like_one_store_without_copying(tmp_path, descriptors):
+    ids, global_descriptors, local = descriptors
+    labels = np.arange(50) % 4
+    starts = [0, 17, 34]
+    shards = []
+    for rank, (start, stop) in enumerate(zip(starts, starts[1:] + [50])):
+        path = tmp_path / "features/.shards" / f"list.rank{rank}of3.h5"
+        write_feature_store(path, ids[start:stop], global_descriptors[start:stop], local[start:stop], config={"a": 1})
+        shards.append((start, path))
+    joined = write_virtual_store(tmp_path / "features/list.h5", ids, shards, labels=labels, config={"a": 1})
+    assert joined.stat().st_size < 20_000  # ids, labels and the mapping; the descriptors stay in the shards
+    whole_path = write_feature_store(
+        tmp_path / "whole.h5", ids, global_descriptors, local, labels=labels, config={"a": 1}
+    )
+    whole = FeatureStore(whole_path)
+    # Moved as a directory, read from elsewhere: the shards are found relative to the joined file.
+    (tmp_path / "features").rename(tmp_path / "moved")
+    store = FeatureStore(tmp_path / "moved/list.h5")
+    assert store.ids == whole.ids and store.config == whole.config and store.num_images == 50
+    assert [p.name for p in store.sources] == [f"list.rank{r}of3.h5" for r in range(3)]
+    np.testing.assert_array_equal(store.labels, whole.labels)
+    assert store.global_descriptors().tobytes() == whole.global_descriptors().tobytes()
+    rows = [49, 0, 17, 16, 33, 34, 17]  # across shard boundaries, repeated, any order
+    assert store.local_descriptors(rows).tobytes() == whole.local_descriptors(rows).tobytes()
+    assert store.local_descriptors(slice(10, 40)).tobytes() == whole.local_descriptors(slice(10, 40)).tobytes()
+    # A missing shard is an error naming it, not rows of zeros.
+    (tmp_path / "moved/.shards/list.rank1of3.h5").unlink()
+    with pytest.raises(FeatureStoreError, match=r"list.h5 joins shards that are missing: .*list.rank1of3.h5"):
+        FeatureStore(tmp_path / "moved/list.h5")
+
+
+def test_joining_refuses_shards_that_do_not_tile_the_rows(tmp_path, descriptors):
+    ids, global_descriptors, _ = descriptors
+    first = write_feature_store(tmp_path / "a.h5", ids[:20], global_descriptors[:20])
+    second = write_feature_store(tmp_path / "b.h5", ids[20:], global_descriptors[20:])
+    with pytest.raises(FeatureStoreError, match=r"a.h5 holds 20 rows, expected rows 0..24"):
+        write_virtual_store(tmp_path / "joined.h5", ids, [(0, first), (25, second)])
+    assert not (tmp_path / "joined.h5").exists()
+
+
+def test_a_process_forked_while_writing_does_not_block_finishing(tmp_path, descriptors):
+    """A dataloader worker forked between two writes (e.g. for the next list) must not inherit the store's
+    open handle and its HDF5 file lock, which made finishing fail with 'unable to lock file'."""
+    import multiprocessing
+    import time
+
+    ids, global_descriptors, _ = descriptors
+    writer = FeatureStoreWriter(tmp_path / "store.h5", ids, global_dim=16)
+    writer.write(range(25), global_descriptors[:25])
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    try:
+        writer.write(range(25, 50), global_descriptors[25:])
+        path = writer.finalize()
+    finally:
+        worker.terminate()
+        worker.join()
+    assert FeatureStore(path).global_descriptors().tobytes() == global_descriptors.tobytes()

@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.sampling import EpochPermutation, GlobalBatchSampler, ResumableDataLoader, ShardSampler
+from datamodules.sampling import (
+    EpochPermutation,
+    GlobalBatchSampler,
+    ResumableDataLoader,
+    ShapeBatchSampler,
+    ShardSampler,
+    contiguous_block,
+)
 
 
 def batches(num_examples, batch_size, rank, world_size, epoch=0, seed=3):
@@ -38,7 +45,9 @@ def test_refuses_batches_not_divisible_by_processes_and_tiny_datasets():
 
 def make_loader(num_examples=40, batch_size=8):
     dataset = TensorDataset(torch.arange(num_examples))
-    return ResumableDataLoader(dataset, batch_sampler=GlobalBatchSampler(EpochPermutation(num_examples, seed=1), batch_size))
+    return ResumableDataLoader(
+        dataset, batch_sampler=GlobalBatchSampler(EpochPermutation(num_examples, seed=1), batch_size)
+    )
 
 
 def test_loader_state_resumes_after_the_last_consumed_batch():
@@ -76,3 +85,21 @@ def test_shards_cover_every_index_and_have_equal_length(num_examples, world_size
     assert sorted(set(np.concatenate(shards).tolist())) == list(range(num_examples))
     unpadded = [list(ShardSampler(num_examples, rank, world_size, pad=False)) for rank in range(world_size)]
     assert sorted(sum(unpadded, [])) == list(range(num_examples))
+
+
+@pytest.mark.parametrize("num_examples,world_size", [(10, 3), (9, 3), (2, 4), (0, 2), (7, 1)])
+def test_contiguous_blocks_tile_the_indices_in_rank_order(num_examples, world_size):
+    blocks = [contiguous_block(num_examples, rank, world_size) for rank in range(world_size)]
+    assert sum((list(b) for b in blocks), []) == list(range(num_examples))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert [list(b) for b in [contiguous_block(10, r, 3) for r in range(3)]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_shape_batches_hold_one_shape_each_and_every_index_once():
+    indices = [5, 0, 3, 8, 1, 2, 7]
+    shapes = ["wide", "tall", "wide", "wide", "tall", "wide", "square"]
+    batches = list(ShapeBatchSampler(indices, shapes, batch_size=2))
+    assert batches == [[5, 3], [8, 2], [0, 1], [7]]
+    assert len(ShapeBatchSampler(indices, shapes, batch_size=2)) == 4
+    with pytest.raises(ValueError, match="7 indices but 6 shapes"):
+        ShapeBatchSampler(indices, shapes[:-1], 2)

@@ -1,6 +1,6 @@
 """Writes configs/extract/<backbone>_<dataset>.yaml, one extraction config per backbone x dataset.
 
-    python configs/extract/generate.py     # after changing the tables below; a test checks the files match
+python configs/extract/generate.py     # after changing the tables below; a test checks the files match
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ BACKBONES = {
 DATASETS = {
     "sop": ("datamodules.sop.StanfordOnlineProducts", "data/Stanford_Online_Products", {}, False),
     "pitts30k": ("datamodules.pittsburgh.Pittsburgh30k", "data/pitts30k", {"layout": "mat"}, False),
-    "gldv2": ("datamodules.gldv2.GoogleLandmarksV2", "data/gldv2", {"min_images_per_class": 11, "max_images_per_class": 500, "num_classes": 24000}, True),
+    "gldv2": (
+        "datamodules.gldv2.GoogleLandmarksV2",
+        "data/gldv2",
+        {"min_images_per_class": 11, "max_images_per_class": 500, "num_classes": 24000},
+        True,
+    ),
     "revisited": ("datamodules.revisited.RevisitedOxfordParis", "data/revisited", {}, True),
     "revisited1m": ("datamodules.revisited.RevisitedOxfordParis", "data/revisited", {"distractors": True}, True),
 }
@@ -65,8 +70,8 @@ def render(backbone: str, dataset: str) -> str:
         f"    resize: {'longer_side' if landmarks else 'center_crop'}",
         f"    multiple_of: {multiple}",
         "    batch_size: 64",
-        # Landmark images keep their aspect ratio: one image per batch.
-        f"    eval_batch_size: {1 if landmarks else 64}",
+        # Landmark images keep their aspect ratio: batches hold images of the same resized shape.
+        f"    eval_batch_size: {32 if landmarks else 64}",
         "    num_workers: 8",
         "predictions:",
         f"  output_dir: features/{backbone}/{dataset}",
