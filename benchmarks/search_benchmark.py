@@ -38,15 +38,15 @@ def measure(method: str, num_database: int, num_queries: int, dim: int, k: int, 
         limit = int(memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     rng = np.random.default_rng(0)
-    base_rss = _rss_gb()  # interpreter and libraries
+    base_rss = rss_gb()  # interpreter and libraries
     database = rng.standard_normal((num_database, dim), dtype=np.float32)
     database /= np.linalg.norm(database, axis=1, keepdims=True)
     # Query i is a perturbed copy of database item i, whose label it shares: recall@1 should be ~1 on both paths.
     queries = database[:num_queries] + 0.05 * rng.standard_normal((num_queries, dim), dtype=np.float32)
     labels = rng.integers(0, num_database // 10, num_database)
     positives = positives_from_labels(labels[:num_queries], labels)
-    inputs_rss = _rss_gb()
-    _reset_peak()  # so the peak below is the search's, not the data generation's
+    inputs_rss = rss_gb()
+    reset_peak()  # so the peak below is the search's, not the data generation's
     start = time.perf_counter()
     try:
         if method == "knn":
@@ -66,24 +66,24 @@ def measure(method: str, num_database: int, num_queries: int, dim: int, k: int, 
         "database_gb": round(database.nbytes / 2**30, 3),
         "inputs_gb": round(inputs_rss - base_rss, 3),
         # Peak memory above the interpreter and libraries: inputs plus everything the search allocates.
-        "peak_gb": round(_peak_gb() - base_rss, 3),
-        "peak_over_database": round((_peak_gb() - base_rss) / (database.nbytes / 2**30), 2),
+        "peak_gb": round(peak_gb() - base_rss, 3),
+        "peak_over_database": round((peak_gb() - base_rss) / (database.nbytes / 2**30), 2),
         "recall@1": round(recall[1], 4),
     }
 
 
-def _rss_gb() -> float:
+def rss_gb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def _peak_gb() -> float:
+def peak_gb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -96,7 +96,11 @@ def run_child(method, database, queries, dim, k, memory_limit_gb) -> dict:
     command += ["--dim", str(dim), "--k", str(k), "--memory-limit-gb", str(memory_limit_gb)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
-        return {"method": method, "queries": queries, "error": f"exit {result.returncode}: {result.stderr.strip()[-300:]}"}
+        return {
+            "method": method,
+            "queries": queries,
+            "error": f"exit {result.returncode}: {result.stderr.strip()[-300:]}",
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -118,9 +122,20 @@ def main() -> None:
     if "error" in rows[-1] and args.naive_slice < args.queries:
         rows.append(run_child("knn", args.database, args.naive_slice, args.dim, args.k, args.memory_limit_gb))
         rows.append(run_child("naive", args.database, args.naive_slice, args.dim, args.k, args.memory_limit_gb))
-    print(f"# {args.database} x {args.dim} database, top-{args.k}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    columns = ["method", "queries", "seconds", "ms_per_query", "database_gb", "inputs_gb", "peak_gb", "peak_over_database"]
+    print(
+        f"# {args.database} x {args.dim} database, top-{args.k}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    columns = [
+        "method",
+        "queries",
+        "seconds",
+        "ms_per_query",
+        "database_gb",
+        "inputs_gb",
+        "peak_gb",
+        "peak_over_database",
+    ]
     columns += ["recall@1", "error"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

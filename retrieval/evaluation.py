@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from retrieval.ground_truth import GroundTruth
-from retrieval.search import knn
+from retrieval.search import knn, ranking_positions
 
 
-def evaluate_embeddings(queries, database, ground_truth: GroundTruth, progress: bool = False) -> dict[str, float]:
+def evaluate_embeddings(
+    queries, database, ground_truth: GroundTruth, progress: bool = False, device=None
+) -> dict[str, float]:
     """Rank ``database`` for every query by inner product and score the ranking with ``ground_truth``.
 
     Embeddings are compared by inner product, so methods hand over L2-normalised embeddings for cosine
     similarity. For leave-one-out protocols (``ground_truth.queries_are_database``) ``queries`` is ignored
-    and may be ``None``.
+    and may be ``None``. A ground truth with ``ranking_items`` (Revisited Oxford/Paris) is scored from the
+    places of those items in the full ranking, counted chunk by chunk from the scores, so neither the sorted
+    database nor a ``[queries, database]`` ranking is built. ``device``: ``None`` searches on the CPU with
+    numpy and faiss; a torch device (the GPU the evaluation runs on) searches there, with the same rankings
+    (see :mod:`retrieval.search`).
     """
     if ground_truth.queries_are_database:
         queries = database
@@ -20,7 +26,11 @@ def evaluate_embeddings(queries, database, ground_truth: GroundTruth, progress: 
             f"got {len(queries)} query and {len(database)} database embeddings; the ground truth has "
             f"{ground_truth.num_queries} queries and {ground_truth.num_database} database items"
         )
-    _, ranks = knn(
-        queries, database, ground_truth.depth, exclude_self=ground_truth.queries_are_database, progress=progress
-    )
+    exclude_self = ground_truth.queries_are_database
+    if ground_truth.ranking_items is not None:
+        positions = ranking_positions(
+            queries, database, ground_truth.ranking_items, exclude_self=exclude_self, progress=progress, device=device
+        )
+        return ground_truth.evaluate_positions(positions)
+    _, ranks = knn(queries, database, ground_truth.depth, exclude_self=exclude_self, progress=progress, device=device)
     return ground_truth.evaluate(ranks)

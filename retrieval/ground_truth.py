@@ -1,8 +1,10 @@
 """Ground-truth objects: what a benchmark counts as correct, how deep it ranks, and how it scores a ranking.
 
 A datamodule builds one per evaluation set; the evaluation callback asks it for the ranking depth, searches,
-and hands the ranking back to :meth:`GroundTruth.evaluate`. Metric names returned here are the last part of
-the logged key ``<stage>/<dataset>/<metric>``.
+and hands the ranking back to :meth:`GroundTruth.evaluate`. A protocol that ranks the whole database but
+scores only where a few items fall in it (Revisited Oxford/Paris) lists those items in ``ranking_items`` and
+is scored from their places by :meth:`GroundTruth.evaluate_positions`, without building the ranking. Metric
+names returned here are the last part of the logged key ``<stage>/<dataset>/<metric>``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.metrics import map_at_k, positives_from_labels, positives_within_radius, recall_at_k, revisited_map
+from retrieval.metrics import (
+    map_at_k,
+    positives_from_labels,
+    positives_within_radius,
+    recall_at_k,
+    revisited_labelled,
+    revisited_map,
+    revisited_map_at_positions,
+)
 
 
 class GroundTruth(ABC):
@@ -22,6 +32,9 @@ class GroundTruth(ABC):
     num_database: int
     #: Leave-one-out protocol: the queries are the database items themselves, and a query never retrieves itself.
     queries_are_database: bool = False
+    #: Per query, the database items whose places in the full ranking are all the protocol needs; then
+    #: :meth:`evaluate_positions` scores it and no ranking is built. ``None``: it scores a ranking.
+    ranking_items: list[np.ndarray] | None = None
 
     @property
     @abstractmethod
@@ -31,6 +44,11 @@ class GroundTruth(ABC):
     @abstractmethod
     def evaluate(self, ranks) -> dict[str, float]:
         """Metrics of a ranking ``[num_queries, >= depth]`` as fractions in [0, 1]."""
+
+    def evaluate_positions(self, positions) -> dict[str, float]:
+        """Metrics from ``positions[q]``, the 0-based places of ``ranking_items[q]`` in query ``q``'s full
+        ranking; the same numbers as :meth:`evaluate` on that ranking."""
+        raise NotImplementedError(f"{type(self).__name__} scores rankings (its ranking_items is None)")
 
     def _candidates(self) -> int:
         return self.num_database - int(self.queries_are_database)
@@ -108,26 +126,40 @@ class RadiusGroundTruth(PositivesGroundTruth):
     """Place recognition: database images within ``radius`` (metres, UTM) of the query are correct.
 
     Queries without any database image in range stay in the Recall@k average and count as misses, as in the
-    published Pittsburgh evaluation code.
+    published Pittsburgh evaluation code. mAP@k (the AE-SVC paper reports mAP@4) averages over the queries that
+    have a positive (:func:`~retrieval.metrics.map_at_k`).
     """
 
-    def __init__(self, query_xy, database_xy, radius: float = 25.0, recall_ks: Sequence[int] = (1, 5, 10, 20)):
+    def __init__(
+        self,
+        query_xy,
+        database_xy,
+        radius: float = 25.0,
+        recall_ks: Sequence[int] = (1, 5, 10, 20),
+        map_ks: Sequence[int] = (4,),
+    ):
         super().__init__(
             positives_within_radius(query_xy, database_xy, radius),
             num_database=len(database_xy),
             recall_ks=recall_ks,
-            map_ks=(),
+            map_ks=map_ks,
         )
 
 
 class RevisitedGroundTruth(GroundTruth):
-    """Revisited Oxford/Paris: full ranking, easy/medium/hard mAP and mP@k (see :func:`revisited_map`)."""
+    """Revisited Oxford/Paris: full ranking, easy/medium/hard mAP and mP@k (see :func:`revisited_map`).
+
+    The metrics depend only on where each query's easy, hard and junk images fall in its ranking of the whole
+    database, so the evaluation counts those places (:attr:`ranking_items`) instead of sorting, e.g., 1M
+    distractors per query.
+    """
 
     def __init__(self, gnd, num_database: int, kappas: Sequence[int] = (1, 5, 10)):
         self.gnd = gnd["gnd"] if isinstance(gnd, dict) else list(gnd)
         self.num_queries = len(self.gnd)
         self.num_database = num_database
         self.kappas = tuple(kappas)
+        self.ranking_items = [revisited_labelled(query_gnd) for query_gnd in self.gnd]
 
     @property
     def depth(self) -> int:
@@ -135,6 +167,9 @@ class RevisitedGroundTruth(GroundTruth):
 
     def evaluate(self, ranks) -> dict[str, float]:
         return revisited_map(self._check(ranks), self.gnd, self.kappas)
+
+    def evaluate_positions(self, positions) -> dict[str, float]:
+        return revisited_map_at_positions(self.ranking_items, positions, self.gnd, self.kappas)
 
 
 class GLDv2GroundTruth(GroundTruth):

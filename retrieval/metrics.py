@@ -7,7 +7,8 @@ accepted too. Positives are given per query as an array of database indices.
 * :func:`recall_at_k` - "Recall@K" of the metric-learning (SOP) and place-recognition (Pittsburgh) papers.
 * :func:`map_at_k` - mAP@k of the Google Landmarks v2 retrieval challenge.
 * :func:`revisited_map` - mAP and mP@k of Revisited Oxford/Paris (Radenovic et al., CVPR 2018), easy /
-  medium / hard.
+  medium / hard; :func:`revisited_map_at_positions` the same from the places of the labelled images in the
+  full ranking (no ranking needed).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def map_at_k(ranks, positives: Sequence, k: int) -> float:
     database index that repeats earlier in the same list is skipped (it is neither a hit nor a miss, but it
     still occupies its position), as in the challenge's scoring code. Queries without positives are left
     out; a query whose list is empty scores 0.
+
+    mAP@4, the metric the AE-SVC / (SS)2D paper reports on SOP, Pittsburgh30k and InShop, is this with ``k = 4``
+    (the paper gives no formula; we read it as this standard AP@k): on SOP leave-one-out, so the query itself
+    is neither ranked nor a positive; on Pittsburgh the positives are the database images within 25 m.
+    Example: positives {a, b}, ranking (c, a, b, d): AP@4 = (1/2 + 2/3) / min(2, 4) = 0.583.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -89,14 +95,67 @@ def revisited_map(ranks, gnd, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, f
     if len(gnd) != rankings.shape[0]:
         raise ValueError(f"{rankings.shape[0]} rankings given for {len(gnd)} ground-truth queries")
     _refuse_repeats(rankings)
+
+    ranked = [ranking[ranking >= 0] for ranking in rankings]  # without the empty slots
+
+    def places(query: int, images: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(ranked[query], images))
+
+    return _revisited_scores(gnd, kappas, places)
+
+
+def revisited_labelled(query_gnd: Mapping) -> np.ndarray:
+    """The database images a Revisited query labels (easy, hard or junk), sorted, each once: the only
+    images whose places in the ranking its metrics depend on."""
+    return np.unique(np.concatenate(_revisited_sets(query_gnd, "medium")))
+
+
+def revisited_map_at_positions(items: Sequence, positions: Sequence, gnd, kappas: Sequence[int] = (1, 5, 10)):
+    """:func:`revisited_map` of the full ranking, from where the labelled images fall in it.
+
+    ``items[q]`` holds database indices that include every easy, hard and junk image of query ``q``
+    (e.g. :func:`revisited_labelled`), ``positions[q]`` their 0-based places in the query's ranking of the
+    whole database (``-1``: not ranked). The result is exactly :func:`revisited_map` of that ranking: AP and
+    mP@k depend only on these places (``retrieval.search.ranking_positions`` counts them without a sort).
+    """
+    if isinstance(gnd, Mapping):
+        gnd = gnd["gnd"]
+    if not len(items) == len(positions) == len(gnd):
+        raise ValueError(f"{len(items)} item lists and {len(positions)} position lists for {len(gnd)} queries")
+    by_item = []  # per query, items sorted and their places in the same order, for lookups by searchsorted
+    for query, (row_items, row_positions) in enumerate(zip(items, positions)):
+        row_items = np.asarray(row_items, dtype=np.int64).reshape(-1)
+        row_positions = np.asarray(row_positions, dtype=np.int64).reshape(-1)
+        if row_items.shape != row_positions.shape:
+            raise ValueError(f"query {query}: {len(row_items)} items but {len(row_positions)} positions")
+        order = np.argsort(row_items, kind="stable")
+        by_item.append((row_items[order], row_positions[order]))
+
+    def places(query: int, images: np.ndarray) -> np.ndarray:
+        sorted_items, sorted_positions = by_item[query]
+        at = np.minimum(np.searchsorted(sorted_items, images), max(len(sorted_items) - 1, 0))
+        found = sorted_items[at] == images if len(sorted_items) else np.zeros(len(images), dtype=bool)
+        if not found.all():
+            missing = np.unique(images[~found])[:5].tolist()
+            raise ValueError(f"query {query}: the places of labelled images {missing} are missing")
+        ranked = np.sort(sorted_positions[at])
+        ranked = ranked[ranked >= 0]
+        return ranked[np.concatenate([[True], ranked[1:] != ranked[:-1]])] if len(ranked) else ranked
+
+    return _revisited_scores(gnd, kappas, places)
+
+
+def _revisited_scores(gnd: Sequence[Mapping], kappas: Sequence[int], places) -> dict[str, float]:
+    """Per-setup means of AP and mP@k; ``places(query, images)`` gives the sorted 0-based places of those
+    of ``images`` that are ranked."""
     results: dict[str, float] = {}
     for mode in REVISITED_MODES:
         aps, precisions = [], []
-        for ranking, query_gnd in zip(rankings, gnd):
+        for query, query_gnd in enumerate(gnd):
             positive, junk = _revisited_sets(query_gnd, mode)
             if len(positive) == 0:
                 continue
-            ap, precision = _revisited_query(ranking, positive, junk, kappas)
+            ap, precision = _revisited_query(places(query, positive), places(query, junk), len(positive), kappas)
             aps.append(ap)
             precisions.append(precision)
         results[f"{mode}/mAP"] = float(np.mean(aps)) if aps else float("nan")
@@ -214,10 +273,8 @@ def _revisited_sets(query_gnd: Mapping, mode: str) -> tuple[np.ndarray, np.ndarr
     return hard, np.concatenate([junk, easy])
 
 
-def _revisited_query(ranking, positive, junk, kappas) -> tuple[float, list[float]]:
-    ranking = ranking[ranking >= 0]
-    positive_positions = np.flatnonzero(np.isin(ranking, positive))
-    junk_positions = np.flatnonzero(np.isin(ranking, junk))
+def _revisited_query(positive_positions, junk_positions, num_positive, kappas) -> tuple[float, list[float]]:
+    """AP and mP@k of one query from the sorted places of its ranked positives and junk images."""
     # Remove junk: each positive moves up by the number of junk images ranked before it.
     positions = positive_positions - np.searchsorted(junk_positions, positive_positions, side="left")
     if len(positions) == 0:
@@ -225,7 +282,7 @@ def _revisited_query(ranking, positive, junk, kappas) -> tuple[float, list[float
     found = np.arange(len(positions))
     precision_before = np.where(positions == 0, 1.0, found / np.maximum(positions, 1))
     precision_after = (found + 1) / (positions + 1)
-    ap = float(np.sum(precision_before + precision_after) / 2.0 / len(positive))
+    ap = float(np.sum(precision_before + precision_after) / 2.0 / num_positive)
     one_based = positions + 1
     precisions = []
     for kappa in kappas:

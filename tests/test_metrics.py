@@ -8,8 +8,18 @@ from retrieval.metrics import (
     positives_from_labels,
     positives_within_radius,
     recall_at_k,
+    revisited_labelled,
     revisited_map,
+    revisited_map_at_positions,
 )
+
+
+def places_of_labelled(ranks, gnd):
+    """Per query, the labelled images and their 0-based places in the (full) ranking."""
+    items = [revisited_labelled(query_gnd) for query_gnd in gnd]
+    places = [np.argsort(ranking)[labelled] for ranking, labelled in zip(np.asarray(ranks), items)]
+    return items, places
+
 
 # ---- hand-computed cases ------------------------------------------------------------------------------------
 
@@ -86,6 +96,18 @@ def test_revisited_map_hand_computed():
     assert result["hard/mAP"] == pytest.approx(0.25)
     assert result["hard/mP@1"] == pytest.approx(0.0)
     assert result["hard/mP@5"] == pytest.approx(0.5)
+    # The same numbers from where the labelled images fall: query 0 labels {0, 1, 2} at places 1, 0, 3.
+    items, places = places_of_labelled(ranks, gnd)
+    assert [p.tolist() for p in places] == [[1, 0, 3], [2]]
+    assert revisited_map_at_positions(items, places, gnd, kappas=(1, 5)) == result
+
+
+def test_revisited_from_positions_needs_every_labelled_image():
+    gnd = [{"easy": [0, 4], "hard": [], "junk": [2]}]
+    with pytest.raises(ValueError, match=r"query 0: the places of labelled images \[4\] are missing"):
+        revisited_map_at_positions([np.array([0, 2])], [np.array([0, 1])], gnd)
+    with pytest.raises(ValueError, match="query 0: 3 items but 2 positions"):
+        revisited_map_at_positions([np.array([0, 2, 4])], [np.array([0, 1])], gnd)
 
 
 def test_revisited_refuses_rankings_with_repeats():
@@ -199,7 +221,9 @@ def test_revisited_matches_simple_loops_on_random_rankings(seed):
     for _ in range(15):
         labelled = rng.permutation(num_database)[: rng.integers(0, 20)]
         cut1, cut2 = sorted(rng.integers(0, len(labelled) + 1, size=2))
-        gnd.append({"easy": labelled[:cut1].tolist(), "hard": labelled[cut1:cut2].tolist(), "junk": labelled[cut2:].tolist()})
+        gnd.append(
+            {"easy": labelled[:cut1].tolist(), "hard": labelled[cut1:cut2].tolist(), "junk": labelled[cut2:].tolist()}
+        )
     gnd[0] = {"easy": [1, 2], "hard": [3], "junk": [4]}  # every setup has at least one scored query
     full = np.stack([rng.permutation(num_database) for _ in gnd])
     for ranks in (full, full[:, :30]):  # the whole database, and a truncated ranking
@@ -208,3 +232,6 @@ def test_revisited_matches_simple_loops_on_random_rankings(seed):
         assert ours.keys() == reference.keys()
         for key in ours:
             assert ours[key] == pytest.approx(reference[key]), key
+    # From the places of the labelled images in the full ranking: the very same numbers.
+    from_positions = revisited_map_at_positions(*places_of_labelled(full, gnd), gnd, (1, 5, 10))
+    assert from_positions == revisited_map(full, gnd, (1, 5, 10))
