@@ -17,8 +17,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.retrieval_evaluation import _retrieval_datamodule, format_table, score_eval_sets
+from callbacks.retrieval_evaluation import _retrieval_datamodule, score_eval_sets
 from lightning_modules.base import ClosedFormModule, RetrievalModule, method_name, sum_over_processes
+from reporting.tables import format_table
 from retrieval.files import write_text_atomic
 
 
@@ -52,12 +53,17 @@ class BaselineComparison(pl.Callback):
             metrics = evaluate_module(trainer, module, datamodule, self.stage)
             self.rows.append({"method": method_name(module), "dim": module.retrieval_dim, **metrics})
         if trainer.is_global_zero:
-            self._report(trainer)
+            self._report(trainer, method_name(pl_module))
 
-    def _report(self, trainer) -> None:
+    def _report(self, trainer, method: str) -> None:
         columns = list(self.rows[0].keys())
         table = [[row.get(c) for c in columns] for row in self.rows]
-        print(format_table(columns, table, title=f"comparison on the {self.stage} sets, same evaluation path"))
+        # The trained method as training left it, which need not be its best checkpoint on the monitor.
+        title = (
+            f"comparison on the {self.stage} sets, same evaluation path "
+            f"({method} at the end of training, step {trainer.global_step})"
+        )
+        print(format_table(columns, table, title=title))
         write_text_atomic(Path(trainer.default_root_dir) / "comparison.json", json.dumps(self.rows, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,6 +1,6 @@
 """Command line: ``python -m lightning_modules.cli {fit,validate,test,predict} --config <yaml> [--key=value ...]``,
 and ``python -m lightning_modules.cli compare RUN [RUN ...]`` (accuracy against embedding size of finished runs,
-:mod:`retrieval.size_curves`).
+:mod:`reporting.size_curves`).
 
 LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf interpolation inside a config file
 (``${model.init_args.latent_dim}``). On top of Lightning's CLI:
@@ -9,13 +9,19 @@ LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf i
   ``--ckpt_path last`` resumes the newest interrupted run (:mod:`lightning_modules.run_directory`);
 * the shared evaluation callback (``--evaluation.*``), a checkpoint callback (``--checkpoint.*``, saving
   ``last.ckpt``) and the ``predict`` writer of feature stores (``--predictions.*``) are always present;
-* the datamodules place data on processes themselves, so Lightning's sampler injection is off.
+* the datamodules place data on processes themselves, so Lightning's sampler injection is off;
+* an error the project raises on purpose (a dataset layout, a feature store, a config, a checkpoint) prints
+  one line instead of a traceback (``RETRIEVAL_TRACEBACK=1`` shows it), a config error without the usage
+  dump, and a failed run leaves no empty run directory or W&B run to sync behind.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,10 +33,21 @@ from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.run_config import SaveRunConfig
 from datamodules.base import RetrievalDataModule
 from lightning_modules.base import MODEL_CLASS_KEY, RetrievalModule
-from lightning_modules.run_directory import choose_run_directory, export_run_directory, prepare_run
-from retrieval import size_curves
+from lightning_modules.run_directory import choose_run_directory, export_run_directory, is_global_zero, prepare_run
+from reporting import size_curves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TRACEBACK_ENV = "RETRIEVAL_TRACEBACK"
+# --ckpt_path values Lightning resolves itself ("last" is resolved to a run's last.ckpt here).
+LIGHTNING_CHECKPOINT_NAMES = ("best", "hpc", "registry")
+# Packages whose errors are raised on purpose, with a message meant for the user.
+PROJECT_PACKAGES = ("lightning_modules", "datamodules", "retrieval", "reporting", "callbacks")
+DESCRIPTION = (
+    "Train and evaluate image-retrieval methods with the subcommands below. One more command: "
+    "'compare RUN [RUN ...]' plots and tabulates accuracy against embedding size of finished runs "
+    "(python -m lightning_modules.cli compare --help). An error the project raises on purpose prints one line; "
+    f"set {TRACEBACK_ENV}=1 for its traceback."
+)
 # OmegaConf interpolation within a config file. (Interpolating across files and command-line overrides,
 # jsonargparse's "omegaconf+", resolves each subcommand's config file before the overrides are applied.)
 PARSER_MODE = "omegaconf"
@@ -42,8 +59,56 @@ TRAINER_DEFAULTS = {
 }
 
 
+class ConfigError(ValueError):
+    """A config or command line the parser refuses (unknown key, wrong type, missing file)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read."""
+
+
+class QuietArgumentParser(LightningArgumentParser):
+    """The CLI's parser, reporting a refused config in one line instead of a usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        raise ConfigError(f"{message.strip()} (see --help)") from ex
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint callback, whose ``last.ckpt`` also follows the epochs (or validations) that keep no
+    top-k checkpoint. Lightning 2.6 writes ``last.ckpt`` only along with a top-k one, so with a monitor it would
+    hold the best epoch rather than the newest, and ``--ckpt_path last`` would resume from there."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_newest_as_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_newest_as_last(trainer)
+
+    def _save_newest_as_last(self, trainer) -> None:
+        # After Lightning's own saving, so that a top-k checkpoint of this step is never skipped.
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class RetrievalCLI(LightningCLI):
+    run_directory: Path | None = None
+    _fresh_run_directory = False
+
     def __init__(self, args=None, run: bool = True):
+        try:
+            self._init(args, run)
+        except BaseException:
+            self._clean_up_failed_run()
+            raise
+
+    def _init(self, args, run: bool) -> None:
         super().__init__(
             model_class=RetrievalModule,
             subclass_mode_model=True,
@@ -52,7 +117,13 @@ class RetrievalCLI(LightningCLI):
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            parser_kwargs={"parser_mode": PARSER_MODE, **{s: {"parser_mode": PARSER_MODE} for s in SUBCOMMANDS}},
+            parser_class=QuietArgumentParser,
+            parser_kwargs={
+                "parser_mode": PARSER_MODE,
+                "prog": "python -m lightning_modules.cli",
+                "description": DESCRIPTION,
+                **{s: {"parser_mode": PARSER_MODE} for s in SUBCOMMANDS},
+            },
             auto_configure_optimizers=False,
             # Its instantiator hands the `model` hparams to every RetrievalModule in the config (baselines too).
             load_from_checkpoint_support=False,
@@ -63,7 +134,7 @@ class RetrievalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RetrievalEvaluation, "evaluation")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -90,9 +161,20 @@ class RetrievalCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.trainer.default_root_dir or default_run_root(config)
         self.run_directory, config.ckpt_path = choose_run_directory(root, subcommand, config.get("ckpt_path"))
-        if not config.ckpt_path or not Path(config.ckpt_path).is_file():
+        self._fresh_run_directory = not any(self.run_directory.iterdir())
+        if not config.ckpt_path:
             return
-        checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=True)
+        if config.ckpt_path in LIGHTNING_CHECKPOINT_NAMES:
+            return
+        if not Path(config.ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {config.ckpt_path} does not exist (expected a .ckpt file or 'last')")
+        try:
+            checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch reports a truncated file without naming it
+            raise CheckpointError(
+                f"--ckpt_path {config.ckpt_path} is not a readable checkpoint (truncated or not a PyTorch file: "
+                f"{str(error).split('. ')[0]})"
+            ) from error
         class_path, hparams = checkpoint.get(MODEL_CLASS_KEY), checkpoint.get("hyper_parameters")
         if class_path and hparams:
             model = {"class_path": class_path, "init_args": dict(hparams)}
@@ -113,6 +195,28 @@ class RetrievalCLI(LightningCLI):
                 callback.dirpath = str(Path(self.run_directory) / "checkpoints")
         return trainer
 
+    def _clean_up_failed_run(self) -> None:
+        """After a failure, remove what this invocation created that holds nothing of value: a run directory
+        it created with no checkpoint in it, or else the W&B runs it started (``wandb sync`` would upload them)."""
+        directory = self.run_directory
+        if directory is None or not directory.is_dir() or not is_global_zero():
+            return
+        if self._fresh_run_directory and not any((directory / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(directory, ignore_errors=True)
+            return
+        started = getattr(self, "_wandb_runs_before", None)
+        if started is not None:
+            for wandb_run in set(_wandb_runs(directory)) - started:
+                shutil.rmtree(wandb_run, ignore_errors=True)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self._wandb_runs_before = set(_wandb_runs(self.run_directory)) if self.run_directory else set()
+        super()._run_subcommand(subcommand)
+
+
+def _wandb_runs(directory: Path) -> list[Path]:
+    return [p for p in (directory / "wandb").glob("*run-*") if p.is_dir()]
+
 
 def default_run_root(config) -> Path:
     """``runs/<method>/<dataset>`` when ``trainer.default_root_dir`` is not set, e.g. ``runs/aesvc/embedded``."""
@@ -125,10 +229,31 @@ def default_run_root(config) -> Path:
 
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["compare"]:  # not a Lightning subcommand: plots finished runs against embedding size
-        size_curves.main(argv[1:])
-        return
-    RetrievalCLI(args=args)
+    try:
+        if argv[:1] == ["compare"]:  # not a Lightning subcommand: plots finished runs against embedding size
+            size_curves.main(argv[1:])
+            return
+        RetrievalCLI(args=args)
+    except Exception as error:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not raised_on_purpose(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+def raised_on_purpose(error: BaseException) -> bool:
+    """An error with a message for the user: a project error type, or a ValueError / FileNotFoundError raised
+    by the project's own code (the innermost frame is in one of its packages)."""
+    if type(error).__module__.split(".")[0] in PROJECT_PACKAGES:
+        return True
+    if not isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    innermost = Path(frames[-1].filename).resolve()
+    repository = Path(__file__).resolve().parents[1]
+    return innermost.is_relative_to(repository) and innermost.relative_to(repository).parts[0] in PROJECT_PACKAGES
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 * ``save_dir`` and the run ``id`` default to the CLI's run directory and the id recorded in its ``run.json``,
   so a resumed run (``fit --ckpt_path last``) or a ``test`` of its checkpoint continues the same W&B run.
 * ``mode=None`` chooses: ``WANDB_MODE`` when set (``disabled`` in tests, ``offline``, ``online``); otherwise
-  online when W&B credentials exist and the W&B host answers within a few seconds (or an HTTPS proxy is
-  configured), else offline, with a note on how to upload later (``wandb sync <run dir>/wandb``).
+  online when W&B credentials exist and the W&B host answers within a few seconds, else offline, with a note
+  on how to upload later (``wandb sync <run dir>/wandb``). Behind an HTTP(S) proxy (``HTTPS_PROXY``,
+  ``ALL_PROXY``; clusters often set one for pip alone) the host is asked for through the proxy (an HTTP
+  ``CONNECT``), within the same bound: a proxy that refuses, fails or hangs means offline, never a run that
+  waits on W&B.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import netrc
 import os
 import socket
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -24,6 +29,7 @@ from lightning_modules.run_directory import current_run
 
 WandbMode = Literal["online", "offline", "disabled"]
 _PROBE_SECONDS = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 class WandbLogger(LightningWandbLogger):
@@ -75,16 +81,19 @@ class WandbLogger(LightningWandbLogger):
 
 
 def choose_wandb_mode() -> WandbMode:
-    """``WANDB_MODE`` if set, else online only with credentials and a reachable W&B host."""
+    """``WANDB_MODE`` if set, else online only with credentials and a W&B host reachable (through the proxy,
+    when one is configured) within ``_PROBE_SECONDS``."""
     explicit = os.environ.get("WANDB_MODE")
     if explicit:
         return {"dryrun": "offline", "run": "online"}.get(explicit, explicit)  # type: ignore[return-value]
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (80 if url.scheme == "http" else 443)
     if not (os.environ.get("WANDB_API_KEY") or _netrc_has(host)):
         return "offline"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return "online"  # the host is reached through the proxy; a direct probe would wrongly fail
-    return "online" if _reachable(host, 443) else "offline"
+    proxy = _proxy_for(host)
+    reachable = _reachable_through_proxy(proxy, host, port) if proxy else _reachable(host, port)
+    return "online" if reachable else "offline"
 
 
 def _netrc_has(host: str) -> bool:
@@ -94,18 +103,73 @@ def _netrc_has(host: str) -> bool:
         return False
 
 
-def _reachable(host: str, port: int) -> bool:
-    """A TCP connection within ``_PROBE_SECONDS``, name resolution included (run in a thread to bound it)."""
+def _proxy_for(host: str) -> str | None:
+    """The proxy URL W&B would use for ``host`` (``NO_PROXY`` honoured), if any."""
+    if urllib.request.proxy_bypass_environment(host):
+        return None
+    return next((os.environ[name] for name in _PROXY_VARIABLES if os.environ.get(name)), None)
+
+
+def _bounded(probe) -> bool:
+    """``probe()`` run in a daemon thread and given up after ``_PROBE_SECONDS`` (name resolution included)."""
     result: list[bool] = []
 
-    def probe() -> None:
+    def run() -> None:
         try:
-            with socket.create_connection((host, port), timeout=_PROBE_SECONDS):
-                result.append(True)
+            result.append(bool(probe()))
         except OSError:
             result.append(False)
 
-    thread = threading.Thread(target=probe, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(_PROBE_SECONDS)
     return bool(result and result[0])
+
+
+def _reachable(host: str, port: int) -> bool:
+    """A TCP connection to ``host:port`` within ``_PROBE_SECONDS``."""
+
+    def probe() -> bool:
+        with socket.create_connection((host, port), timeout=_PROBE_SECONDS):
+            return True
+
+    return _bounded(probe)
+
+
+def _reachable_through_proxy(proxy: str, host: str, port: int) -> bool:
+    """The proxy accepts ``CONNECT host:port`` (status 2xx) within ``_PROBE_SECONDS``.
+
+    A SOCKS proxy cannot be asked without a SOCKS client: it counts as reachable when it accepts a TCP
+    connection within the bound.
+    """
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    scheme = parsed.scheme.lower()
+    default_port = 443 if scheme == "https" else 1080 if "socks" in scheme else 80
+    proxy_host, proxy_port = parsed.hostname, parsed.port or default_port
+    if proxy_host is None:
+        return False
+    if "socks" in scheme:
+        return _reachable(proxy_host, proxy_port)
+    if scheme not in ("http", "https"):
+        return False
+    deadline = time.monotonic() + _PROBE_SECONDS
+
+    def probe() -> bool:
+        with socket.create_connection((proxy_host, proxy_port), timeout=_PROBE_SECONDS) as connection:
+            if scheme == "https":  # a TLS connection to the proxy itself
+                import ssl
+
+                connection = ssl.create_default_context().wrap_socket(connection, server_hostname=proxy_host)
+            request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+            connection.sendall(request.encode("ascii"))
+            reply = b""
+            while b"\r\n" not in reply:
+                connection.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = connection.recv(1024)
+                if not chunk:
+                    return False
+                reply += chunk
+            status = reply.split(b"\r\n", 1)[0].split()
+            return len(status) >= 2 and status[1].startswith(b"2")
+
+    return _bounded(probe)

@@ -1,13 +1,19 @@
 """Run directories: where one run's config, checkpoints, metrics and W&B files live.
 
 ``<trainer.default_root_dir>/version_<N>/`` holds ``config.yaml`` (the fully resolved config, seed
-included), ``run.json`` (seed, W&B run id, command line), ``checkpoints/``, ``metrics.json`` and ``wandb/``.
-Every new run gets the next version, so a second run with the same config never collides with the first.
+included), ``run.json`` (seed, W&B run id, command lines, and once ``fit`` has finished its best checkpoint;
+the resolved paths and hashes of inputs such as a teacher checkpoint), ``checkpoints/``, ``metrics.json`` and
+``wandb/``. Every new run gets the next version, so a second run with the same config never collides with the
+first.
 
 * ``fit --ckpt_path last`` resumes the newest run under the root that has ``checkpoints/last.ckpt``, in its
   own directory and W&B run.
 * ``validate`` / ``test`` / ``predict`` with a checkpoint inside a run directory write into that run
   (metrics and W&B run included), so one experiment stays in one place.
+* ``validate`` / ``test`` without ``--ckpt_path`` evaluate the best checkpoint of the newest finished run under
+  the root (in that run); with no finished run there, the model as configured, in a new run directory.
+* A run's best checkpoint is the checkpoint callback's best on its monitor; without a monitor, its newest
+  checkpoint (the last).
 
 Processes of one DDP run must agree on the directory. The process that chooses it exports it as
 ``RETRIEVAL_RUN_DIR``; processes Lightning launches inherit it. Under torchrun or SLURM, where all processes
@@ -17,6 +23,7 @@ the directory of a run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +31,7 @@ import secrets
 import string
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from retrieval.files import write_text_atomic
@@ -45,6 +52,12 @@ class RunInfo:
     wandb_id: str
     seed: int | None = None
     commands: list[str] | None = None
+    #: the best checkpoint of the finished ``fit``, relative to the run directory, and what chose it
+    best_checkpoint: str | None = None
+    monitor: str | None = None
+    finished: str | None = None
+    #: inputs resolved at run time, e.g. ``{"teacher_checkpoint": {"path": ..., "sha256": ...}}``
+    inputs: dict | None = None
 
     def save(self) -> None:
         write_text_atomic(Path(self.directory) / RUN_FILE, json.dumps(asdict(self), indent=2) + "\n")
@@ -54,7 +67,12 @@ class RunInfo:
         path = Path(directory) / RUN_FILE
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the run's record is damaged") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in content.items() if k in known})
 
 
 def choose_run_directory(root: str | os.PathLike, subcommand: str, ckpt_path: str | None) -> tuple[Path, str | None]:
@@ -64,16 +82,36 @@ def choose_run_directory(root: str | os.PathLike, subcommand: str, ckpt_path: st
     """
     root = Path(root)
     pinned = os.environ.get(RUN_DIR_ENV)
+    evaluating_without_checkpoint = subcommand in ("validate", "test") and not ckpt_path
     if pinned and pinned != _exported:
         directory = Path(pinned)
         if ckpt_path == "last":
             ckpt_path = str(directory / LAST_CHECKPOINT)
+        elif evaluating_without_checkpoint:  # the same choice as the process that pinned the directory
+            best = best_checkpoint(directory)
+            ckpt_path = str(best) if best is not None else None
         return directory, ckpt_path
+    if evaluating_without_checkpoint:
+        found = newest_finished_run(root)
+        if found is not None:
+            info = RunInfo.load(found)
+            print(
+                f"{subcommand}: no --ckpt_path; using the best checkpoint of the newest finished run under {root}: "
+                f"{best_checkpoint(found)} (monitor: {info.monitor or 'none, so the last checkpoint'})",
+                flush=True,
+            )
+            return found, str(best_checkpoint(found))
+        print(
+            f"{subcommand}: no --ckpt_path and no finished run under {root}: evaluating the model as configured, "
+            "without a checkpoint",
+            flush=True,
+        )
     if ckpt_path == "last":
         directory = newest_resumable_run(root)
         if directory is None:
             raise FileNotFoundError(
-                f"--ckpt_path last: no run under {root} has {LAST_CHECKPOINT} (expected {root}/version_<N>/{LAST_CHECKPOINT})"
+                f"--ckpt_path last: no run under {root} has {LAST_CHECKPOINT} "
+                f"(expected {root}/version_<N>/{LAST_CHECKPOINT})"
             )
         return directory, str(directory / LAST_CHECKPOINT)
     if ckpt_path:
@@ -129,6 +167,57 @@ def newest_resumable_run(root: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime, default=None)
 
 
+def best_checkpoint(directory: Path) -> Path | None:
+    """The best checkpoint a finished ``fit`` recorded in the run's ``run.json``, if it still exists."""
+    info = RunInfo.load(Path(directory))
+    if info is None or not info.best_checkpoint:
+        return None
+    path = Path(directory) / info.best_checkpoint
+    return path if path.is_file() else None
+
+
+def newest_finished_run(root: Path) -> Path | None:
+    """The run under ``root`` whose ``fit`` finished last (one with a recorded best checkpoint), if any."""
+    if not Path(root).is_dir():
+        return None
+    finished = [p for p in Path(root).iterdir() if p.is_dir() and best_checkpoint(p) is not None]
+    return max(finished, key=lambda p: (RunInfo.load(p).finished or "", p.stat().st_mtime), default=None)
+
+
+def record_fit_result(directory: Path, best: Path | None, monitor: str | None) -> None:
+    """Record a finished ``fit``'s best checkpoint in ``run.json`` (runs made by the CLI only)."""
+    info = RunInfo.load(directory)
+    if info is None:
+        return
+    if best is not None:
+        best = Path(best).resolve()
+        root = Path(directory).resolve()
+        info.best_checkpoint = str(best.relative_to(root)) if best.is_relative_to(root) else str(best)
+    info.monitor = monitor
+    info.finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+    info.directory = str(directory)
+    info.save()
+
+
+def record_input(name: str, path: Path) -> str:
+    """Record in the current run's ``run.json`` (rank 0) the resolved ``path`` of input ``name`` with its
+    SHA-256, and return the hash."""
+    digest = sha256_of(path)
+    info = current_run()
+    if info is not None and is_global_zero():
+        info.inputs = {**(info.inputs or {}), name: {"path": str(Path(path).resolve()), "sha256": digest}}
+        info.save()
+    return digest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_directory_of(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint file belongs to (``<run>/checkpoints/<file>``), if any."""
     directory = checkpoint.resolve().parent.parent
@@ -140,7 +229,7 @@ def prepare_run(directory: Path, seed: int | None) -> RunInfo:
     directory.mkdir(parents=True, exist_ok=True)
     info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=new_wandb_id(), commands=[])
     info.directory = str(directory)  # where the run is now, should it have been moved
-    if _is_global_zero():
+    if is_global_zero():
         info.seed = seed
         command = " ".join(["python -m lightning_modules.cli", *sys.argv[1:]])
         info.commands = [*(info.commands or []), f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {command}"]
@@ -164,6 +253,6 @@ def new_wandb_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
     names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
     return all(int(os.environ.get(name, "0")) == 0 for name in names)

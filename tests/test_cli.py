@@ -1,25 +1,31 @@
-"""The command line as a user runs it: configs, run directories, 1 vs 2 processes, crash and resume."""
+"""The command line as a user runs it: configs, run directories, checkpoints and their metrics, 1 vs 2
+processes, crash and resume, errors."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, SMALL_BENCHMARK, run_cli
 
-from lightning_modules.cli import RetrievalCLI
+from lightning_modules.cli import RetrievalCLI, main, raised_on_purpose
+from reporting.run_results import read_run
 from retrieval.feature_store import FeatureStore
-from retrieval.run_results import read_run
 
 CONFIGS = REPO / "configs"
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("data", "logger"))
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def metrics_of(run_directory: Path) -> dict:
-    return read_run(run_directory)[1]  # the numbers, without the method's name
+def metrics_of(run_directory: Path, stage: str = "val", checkpoint: str = "best") -> dict:
+    return read_run(run_directory, stage, checkpoint).metrics
+
+
+def evaluations_of(run_directory: Path) -> list[dict]:
+    """Every evaluation recorded in the run's metrics.json, without the time it was made."""
+    record = json.loads((run_directory / "metrics.json").read_text())
+    return [{k: v for k, v in entry.items() if k != "time"} for entry in record["evaluations"]]
 
 
 # ---- parsing (in process, fast) ----------------------------------------------------------------------------------
@@ -56,17 +62,20 @@ def test_interpolation_within_a_config_file(tmp_path, capsys):
     assert printed["trainer"]["max_epochs"] == printed["model"]["init_args"]["latent_dim"] == 64
 
 
-def test_unknown_config_key_is_rejected(tmp_path, capsys):
+def test_unknown_config_key_is_rejected_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        RetrievalCLI(args=["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--model.init_args.latnt_dim=32"])
-    assert exit_info.value.code != 0
-    assert "latnt_dim" in capsys.readouterr().err
+        main(["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--model.init_args.latnt_dim=32"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "Option 'latnt_dim' is not accepted" in error and "usage:" not in error
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epoch: 3\n")
     with pytest.raises(SystemExit) as exit_info:
-        RetrievalCLI(args=["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--config", str(bad)])
-    assert exit_info.value.code != 0
-    assert "max_epoch" in capsys.readouterr().err
+        main(["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == "error: Subcommand 'fit' does not accept option 'trainer.max_epoch' (see --help)\n"
+    )
 
 
 # ---- end to end (subprocesses, as a user runs them) --------------------------------------------------------------
@@ -92,8 +101,9 @@ def test_quickstart_prints_the_four_row_comparison(quickstart):
     for row in rows:
         assert 0 <= row["embedded/recall@1"] <= row["embedded/recall@10"] <= 1
         assert row["method"] in first.stdout
-    # The trained method's row is the same evaluation as its logged validation metrics.
-    assert rows[-1]["embedded/recall@1"] == metrics_of(run)["val/embedded/recall@1"]
+    # The trained method's row is the same evaluation as the validation at the end of its training.
+    assert rows[-1]["embedded/recall@1"] == metrics_of(run, checkpoint="last")["val/embedded/recall@1"]
+    assert "AE-SVC at the end of training, step 20" in first.stdout
     # Whitening equalises the variance of the directions: random pairs' cosine variance falls towards 1/32.
     by_method = {r["method"]: r for r in rows}
     assert by_method["PCA-whitening"]["embedded/cos_var"] < by_method["PCA"]["embedded/cos_var"]
@@ -130,7 +140,7 @@ def test_baseline_alone_equals_its_comparison_row_then_test_and_predict_write_in
     checkpoint = str(run / "checkpoints/last.ckpt")
     training_config = (run / "config.yaml").read_text()
     run_cli("test", "--config", config, *SMALL_BENCHMARK, *QUIET, "--ckpt_path", checkpoint, cwd=workdir)
-    assert {"val/embedded/recall@1", "test/embedded/recall@1"} <= metrics_of(run).keys()
+    assert "val/embedded/recall@1" in metrics_of(run) and "test/embedded/recall@1" in metrics_of(run, "test")
     assert (run / "config.yaml").read_text() == training_config, "the training config must not be replaced"
     assert "ckpt_path" in (run / "config.test.yaml").read_text()
     run_cli("predict", "--config", config, *SMALL_BENCHMARK, *QUIET, "--ckpt_path", checkpoint, cwd=workdir)
@@ -147,7 +157,7 @@ def test_one_and_two_ddp_processes_log_identical_metrics(tmp_path):
     run_cli(*args, "--trainer.devices=1", "--trainer.default_root_dir=runs/one", cwd=tmp_path)
     run_cli(*args, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.default_root_dir=runs/two", cwd=tmp_path)
     one, two = metrics_of(tmp_path / "runs/one/version_0"), metrics_of(tmp_path / "runs/two/version_0")
-    metrics = {"recall@1", "recall@10", "mAP@100"}
+    metrics = {"recall@1", "recall@10", "mAP@4", "mAP@100"}
     sizes = {f"{m}@d{size}" for m in metrics for size in (8, 16, 32, 64)}  # AE-SVC is also scored truncated
     assert one.keys() == {f"val/embedded/{name}" for name in metrics | sizes}
     assert one == two
@@ -177,12 +187,121 @@ def test_run_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path):
     resumed = run_cli(*args, "--trainer.default_root_dir=runs/crashed", "--ckpt_path", "last", cwd=tmp_path)
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     assert not (tmp_path / "runs/crashed/version_1").exists(), "the resumed run continues in its own directory"
-    assert metrics_of(crashed) == metrics_of(tmp_path / "runs/uninterrupted/version_0")
+    assert evaluations_of(crashed) == evaluations_of(tmp_path / "runs/uninterrupted/version_0")
     assert len(json.loads((crashed / "run.json").read_text())["commands"]) == 2
 
 
 @pytest.mark.slow
 def test_resume_without_any_checkpoint_says_where_it_looked(tmp_path):
-    result = run_cli("fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--ckpt_path", "last", cwd=tmp_path, check=False)
+    result = run_cli(
+        "fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--ckpt_path", "last", cwd=tmp_path, check=False
+    )
     assert result.returncode != 0
     assert "--ckpt_path last: no run under runs/aesvc/embedded has checkpoints/last.ckpt" in result.stderr
+
+
+@pytest.mark.slow
+def test_each_evaluation_is_kept_with_its_checkpoint_and_test_without_one_uses_the_best(tmp_path):
+    args = ["--config", str(CONFIGS / "aesvc/embedded.yaml"), *SMALL_BENCHMARK, *QUIET]
+    fit = run_cli("fit", *args, "--trainer.max_epochs=3", cwd=tmp_path)
+    run = tmp_path / "runs/aesvc/embedded/version_0"
+    best = json.loads((run / "run.json").read_text())["best_checkpoint"]
+    assert best.startswith("checkpoints/epoch") and (run / best).is_file()
+    import torch
+
+    def step_of(checkpoint: str) -> int:
+        return torch.load(run / checkpoint, map_location="cpu", weights_only=True)["global_step"]
+
+    fitted = evaluations_of(run)
+    best_entry = next(e for e in fitted if "best" in e["roles"])
+    last_entry = next(e for e in fitted if "last" in e["roles"])
+    assert best_entry["checkpoint"] == best and best_entry["step"] == step_of(best)
+    # last.ckpt holds the end of training (10 steps per epoch), even when the best came earlier
+    assert last_entry["step"] == step_of("checkpoints/last.ckpt") == 30 == max(e["step"] for e in fitted)
+    # the best is the best on the monitor among the validations of the fit
+    monitor = "val/embedded/mAP@100"
+    assert best_entry["metrics"][monitor] == max(e["metrics"][monitor] for e in fitted)
+    assert f"val metrics of the best{' and last' if best_entry is last_entry else ''} checkpoint {best}" in fit.stdout
+
+    validated = run_cli("validate", *args, cwd=tmp_path)  # no --ckpt_path: the best of the newest finished run
+    assert (
+        f"using the best checkpoint of the newest finished run under runs/aesvc/embedded: {run / best}".replace(
+            str(tmp_path) + "/", ""
+        )
+        in validated.stdout
+    )
+    run_cli("validate", *args, "--ckpt_path", str(run / "checkpoints/last.ckpt"), cwd=tmp_path)
+    run_cli("test", *args, cwd=tmp_path)
+    evaluations = evaluations_of(run)
+    again = next(e for e in evaluations if e["subcommand"] == "validate" and "best" in e["roles"])
+    assert again["checkpoint"] == best and again["metrics"] == best_entry["metrics"]  # same weights, same numbers
+    of_last = next(e for e in evaluations if e["subcommand"] == "validate" and e["roles"] == ["last"])
+    assert of_last["checkpoint"] == "checkpoints/last.ckpt" and of_last["metrics"] == last_entry["metrics"]
+    tested = next(e for e in evaluations if e["stage"] == "test")
+    assert tested["checkpoint"] == best and tested["roles"][0] == "best"
+    # the headline (and so `compare`) stays the best checkpoint's whatever was evaluated last
+    record = json.loads((run / "metrics.json").read_text())
+    assert record[monitor] == best_entry["metrics"][monitor] and best in record["headline"]["val"]
+    assert not (tmp_path / "runs/aesvc/embedded/version_1").exists()
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_errors_raised_on_purpose_are_told_from_bugs():
+    def raised(error_type, message, where):
+        try:
+            exec(compile(f"raise {error_type}({message!r})", where, "exec"))
+        except Exception as error:
+            return error
+
+    assert raised_on_purpose(raised("ValueError", "bad store", str(REPO / "retrieval/feature_store.py")))
+    assert raised_on_purpose(raised("FileNotFoundError", "no list", str(REPO / "datamodules/sop.py")))
+    assert not raised_on_purpose(raised("ValueError", "shapes", "/usr/lib/python3/site-packages/numpy/core.py"))
+    assert not raised_on_purpose(raised("KeyError", "x", str(REPO / "retrieval/feature_store.py")))
+
+
+def test_a_missing_config_file_or_bad_key_is_one_line_without_the_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "missing.yaml" in error and "usage:" not in error
+    assert len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_deliberate_errors_print_one_line_and_leave_no_run_behind(tmp_path):
+    # a missing dataset root, with W&B logging offline: no traceback, no version directory, no run to sync
+    sop = ["fit", "--config", str(CONFIGS / "aesvc/sop.yaml"), *QUIET, "--data.init_args.root=nowhere"]
+    result = run_cli(*sop, cwd=tmp_path, check=False, env={"WANDB_MODE": "offline"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: Stanford Online Products: nowhere/Ebay_train.txt not found" in result.stderr
+    assert not list((tmp_path / "runs").rglob("version_*")) and not list(tmp_path.rglob("*run-*"))
+    verbose = run_cli(*sop, cwd=tmp_path, check=False, env={"RETRIEVAL_TRACEBACK": "1"})
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+
+    # an unknown key: the message, not a usage dump
+    embedded = ["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml")]
+    result = run_cli(*embedded, "--trainer.max_epochz=3", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "usage:" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: unrecognized arguments: --trainer.max_epochz=3 (see --help)"
+    )
+
+    # a truncated checkpoint is named
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "model.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "model.ckpt").read_bytes()[:2000])
+    test = ["test", "--config", str(CONFIGS / "aesvc/embedded.yaml"), *QUIET, "--ckpt_path", "truncated.ckpt"]
+    result = run_cli(*test, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: --ckpt_path truncated.ckpt is not a readable checkpoint (truncated" in result.stderr
+    assert not list((tmp_path / "runs").rglob("version_*"))
+
+
+def test_help_lists_compare(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "compare RUN [RUN ...]" in capsys.readouterr().out

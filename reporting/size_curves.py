@@ -2,11 +2,13 @@
 
 Methods with embeddings of several sizes log ``<stage>/<set>/<metric>@d<size>``
 (:meth:`RetrievalModule.size_views`). This module turns such keys into curves ``{metric: {size: value}}``,
-draws them (one panel per metric, one line per method, sizes on a log2 axis) and tabulates them.
+draws them (one panel per metric, one line per method, sizes on a log2 axis) and tabulates them. A method of
+one size (raw embeddings, PCA, an AE-SVC without ``prefix_sizes``) is one point at its size.
 
-``python -m lightning_modules.cli compare RUN [RUN ...]`` (or ``python -m retrieval.size_curves``) reads
-finished runs (:mod:`retrieval.run_results`) and draws all methods on the same axes: the figure a paper shows.
-A run may be given as ``LABEL=PATH`` to name its line.
+``python -m lightning_modules.cli compare RUN [RUN ...]`` (or ``python -m reporting.size_curves``) reads
+finished runs (:mod:`reporting.run_results`) and draws all methods on the same axes: the figure a paper shows.
+A run may be given as ``LABEL=PATH`` to name its line. Each run contributes one evaluation, the best
+checkpoint's by default (``--checkpoint``), and the command prints which.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import argparse
 import re
 from pathlib import Path
 
+from reporting.run_results import RunMetrics, RunResultsError, read_run
 from retrieval.files import replace_atomically, write_text_atomic
-from retrieval.run_results import RunResultsError, read_run
 
 SIZE_KEY = re.compile(r"^(?P<stage>[^/]+)/(?P<metric>.+)@d(?P<size>\d+)$")
 Curves = dict[str, dict[int, float]]  # metric ("<set>/<metric>") -> size -> value
@@ -30,6 +32,16 @@ def curves_from_metrics(metrics: dict[str, float], stage: str) -> Curves:
         if match and match["stage"] == stage:
             curves.setdefault(match["metric"], {})[int(match["size"])] = float(value)
     return {metric: dict(sorted(by_size.items())) for metric, by_size in sorted(curves.items())}
+
+
+def point_from_metrics(metrics: dict[str, float], stage: str, size: int) -> Curves:
+    """A single-size run as curves of one point: ``{"<set>/<metric>": {size: value}}`` from its plain keys."""
+    prefix = f"{stage}/"
+    return {
+        key.removeprefix(prefix): {int(size): float(value)}
+        for key, value in sorted(metrics.items())
+        if key.startswith(prefix) and not SIZE_KEY.match(key)
+    }
 
 
 def markdown_table(curves_by_method: dict[str, Curves], metric: str) -> str:
@@ -46,7 +58,8 @@ def markdown_table(curves_by_method: dict[str, Curves], metric: str) -> str:
 def plot_size_curves(
     curves_by_method: dict[str, Curves], path: str | Path, metrics: list[str] | None = None, title=None
 ):
-    """Draw ``metrics`` (default: all) against size, one panel each, one line per method; PNG written atomically."""
+    """Draw ``metrics`` (default: all) against size, one panel each, one line per method (a method with one
+    size: a star at its size); PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +74,8 @@ def plot_size_curves(
         for method, curves in curves_by_method.items():
             by_size = curves.get(metric)
             if by_size:
-                axis.plot(list(by_size), list(by_size.values()), marker="o", label=method)
+                style = {"marker": "o"} if len(by_size) > 1 else {"marker": "*", "markersize": 11, "linestyle": ""}
+                axis.plot(list(by_size), list(by_size.values()), label=method, **style)
                 sizes.update(by_size)
         axis.set_xscale("log", base=2)
         axis.set_xticks(sorted(sizes), [str(s) for s in sorted(sizes)])
@@ -87,36 +101,63 @@ def plot_size_curves(
     return Path(path)
 
 
-def compare_runs(runs: list[str], stage: str = "val") -> dict[str, Curves]:
-    """``{label: curves}`` of each run (``PATH`` or ``LABEL=PATH``); the label defaults to the method's name."""
+def run_curves(run: RunMetrics, stage: str, path: str) -> Curves:
+    """A run's curves: its per-size metrics, or one point at its embedding size for a single-size method."""
+    curves = curves_from_metrics(run.metrics, stage)
+    if curves:
+        return curves
+    if run.embedding_size is None:
+        raise RunResultsError(
+            f"{path} has no per-size {stage} metrics ({stage}/<set>/<metric>@d<size>) and records no embedding_size"
+        )
+    curves = point_from_metrics(run.metrics, stage, run.embedding_size)
+    if not curves:
+        raise RunResultsError(f"{path} has no {stage} metrics")
+    return curves
+
+
+def compare_runs(runs: list[str], stage: str = "val", checkpoint: str = "best") -> tuple[dict[str, Curves], list[str]]:
+    """``{label: curves}`` of each run (``PATH`` or ``LABEL=PATH``; the label defaults to the method's name),
+    and one line per run saying which evaluation it contributed."""
     curves_by_method: dict[str, Curves] = {}
+    sources = []
     for run in runs:
         label, _, path = run.rpartition("=") if "=" in run and not Path(run).exists() else ("", "", run)
-        method, metrics = read_run(path)
-        curves = curves_from_metrics(metrics, stage)
-        if not curves:
-            raise RunResultsError(f"{path} has no per-size {stage} metrics ({stage}/<set>/<metric>@d<size>)")
-        label = label or method or Path(path).name
+        result = read_run(path, stage, checkpoint)
+        label = label or result.method or Path(path).name
         while label in curves_by_method:  # two runs of one method: keep both lines
             label += "'"
-        curves_by_method[label] = curves
-    return curves_by_method
+        curves_by_method[label] = run_curves(result, stage, path)
+        sources.append(f"{label}: {result.source}")
+    return curves_by_method, sources
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_modules.cli compare",
-        description="Plot and tabulate accuracy against embedding size for several runs on the same axes.",
+        description="Plot and tabulate accuracy against embedding size for several runs on the same axes "
+        "(a method of one size is drawn as a point at its size).",
     )
-    parser.add_argument("runs", nargs="+", help="run directories, roots of runs or W&B runs; LABEL=PATH names a line")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories, roots of runs, W&B run directories or W&B run paths entity/project/id; "
+        "LABEL=PATH names a line",
+    )
     parser.add_argument("--stage", default="val", help="which stage's metrics (val or test)")
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        help="which evaluation of each run: best (default: the best checkpoint's, else the last's), last, "
+        "or a checkpoint file name",
+    )
     parser.add_argument("--metric", action="append", help="'<set>/<metric>', e.g. embedded/mAP@100 (repeatable)")
     parser.add_argument("--output", default="size_comparison.png", help="the PNG to write")
     parser.add_argument("--table", help="also write the tables as Markdown to this file")
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
     try:
-        curves_by_method = compare_runs(args.runs, args.stage)
+        curves_by_method, sources = compare_runs(args.runs, args.stage, args.checkpoint)
     except RunResultsError as error:
         parser.exit(2, f"compare: {error}\n")
     available = sorted({m for curves in curves_by_method.values() for m in curves})
@@ -125,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"compare: no runs have {unknown}; available: {available}\n")
     metrics = args.metric or available
     tables = "\n\n".join(markdown_table(curves_by_method, metric) for metric in metrics)
+    print("\n".join(sources) + "\n")
     print(tables)
     plot_size_curves(curves_by_method, args.output, metrics, args.title)
     print(f"\nwrote {args.output}")
