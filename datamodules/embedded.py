@@ -119,7 +119,7 @@ class EmbeddedBenchmark(LabelledFeatureStores):
         root: str = "data/embedded",
         spec: EmbeddedBenchmarkSpec | None = None,
         recall_ks: tuple[int, ...] = (1, 10),
-        map_ks: tuple[int, ...] = (100,),
+        map_ks: tuple[int, ...] = (4, 100),
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 0,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
 from retrieval.feature_store import FeatureStore
@@ -18,6 +17,9 @@ class EmbeddingDataset(Dataset):
     """Rows of a ``[N, D]`` array (memory-mapped or in memory) as ``{"index", "embedding"}`` examples.
 
     ``ids`` and ``labels`` describe the rows (e.g. for writing predictions); they are not part of examples.
+    A DataLoader with a batch size reads each batch with one indexed read (:meth:`__getitems__`), not one
+    read per row; with :func:`collate_embeddings` as its ``collate_fn`` the batch is not even split into
+    examples and stacked again.
     """
 
     def __init__(self, embeddings: np.ndarray, ids: list[str] | None = None, labels: np.ndarray | None = None):
@@ -39,6 +41,41 @@ class EmbeddingDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         # A copy: rows of a read-only memory map must not be handed out as writable tensors.
         return {"index": index, "embedding": torch.tensor(self.embeddings[index], dtype=torch.float32)}
+
+    def __getitems__(self, indices: Sequence[int]) -> EmbeddingRows:
+        """The examples of a batch, read with one indexed read (PyTorch's DataLoader calls this when present).
+
+        The rows are read in increasing order and once each (a memory map then reads each page once, in file
+        order), then put back in the batch's order.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        # Fancy indexing copies, so the tensors own writable memory, as in __getitem__. numpy reorders: torch's
+        # multi-threaded indexing of a small batch is slower on busy cores.
+        rows = np.asarray(self.embeddings[unique], dtype=np.float32)[inverse]
+        return EmbeddingRows(torch.from_numpy(indices), torch.from_numpy(rows))
+
+
+class EmbeddingRows(Sequence):
+    """A batch read at once that still behaves as the list of its examples (so the default collation, which
+    indexes and stacks them, gives the same batch); :func:`collate_embeddings` takes the batch as it is."""
+
+    def __init__(self, index: torch.Tensor, embedding: torch.Tensor):
+        self.index, self.embedding = index, embedding
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor | int]:
+        return {"index": int(self.index[position]), "embedding": self.embedding[position]}
+
+
+def collate_embeddings(examples) -> dict[str, torch.Tensor]:
+    """Collation for :class:`EmbeddingDataset` loaders: a batch read at once as it is, anything else (e.g. a
+    ``ConcatDataset`` of stores, read example by example) by PyTorch's default collation."""
+    if isinstance(examples, EmbeddingRows):
+        return {"index": examples.index, "embedding": examples.embedding}
+    return default_collate(examples)
 
 
 class LabelledFeatureStores(RetrievalDataModule):
@@ -63,7 +100,7 @@ class LabelledFeatureStores(RetrievalDataModule):
         test_query: str | None = None,
         name: str = "features",
         recall_ks: Sequence[int] = (1, 10),
-        map_ks: Sequence[int] = (100,),
+        map_ks: Sequence[int] = (4, 100),
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -99,6 +136,9 @@ class LabelledFeatureStores(RetrievalDataModule):
 
     def train_dataset(self) -> EmbeddingDataset:
         return EmbeddingDataset.from_store(self._store("train"))
+
+    def collate_fn(self):
+        return collate_embeddings  # batches read with one indexed read stay one batch
 
     def predict_datasets(self) -> dict[str, EmbeddingDataset]:
         if self.predict_split not in self.paths:

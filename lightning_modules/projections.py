@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.base import ClosedFormModule, nested_views
-from lightning_modules.nn.similarity_distillation import check_sizes
+from lightning_modules.nn.multi_size import check_sizes
 from retrieval.diagnostics import RunningMoments
 
 

@@ -26,20 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.base import LRSchedule, MultiSizeEmbedding, RetrievalModule, load_frozen_module
 from lightning_modules.nn import gather_with_grad
-from lightning_modules.nn.similarity_distillation import (
-    DEFAULT_SIZES,
-    DiagonalHandling,
-    NestedEmbedding,
-    SeparateEmbeddings,
-    check_sizes,
-    multi_size_distillation_losses,
-)
-from lightning_modules.run_directory import LAST_CHECKPOINT
+from lightning_modules.nn.multi_size import DEFAULT_SIZES, NestedEmbedding, SeparateEmbeddings, check_sizes
+from lightning_modules.nn.similarity_distillation import DiagonalHandling, multi_size_distillation_losses
+from lightning_modules.run_directory import RUN_FILE, best_checkpoint, newest_finished_run, record_input
 from retrieval.feature_store import FeatureStore
-from retrieval.run_results import METRICS_FILE
 
 
 class SS2D(MultiSizeEmbedding, RetrievalModule):
@@ -49,8 +43,8 @@ class SS2D(MultiSizeEmbedding, RetrievalModule):
         sizes: the nested embedding sizes, increasing; the student outputs ``max(sizes)`` dimensions.
         size_weights: loss weight of each size (default 1 each).
         teacher_checkpoint: a checkpoint of a trained method (e.g. AE-SVC) whose embedding is the teacher; a run
-            directory stands for its ``last.ckpt``, a root of run directories (``runs/aesvc/sop``) for that of
-            its newest finished run.
+            directory stands for its best checkpoint, a root of run directories (``runs/aesvc/sop``) for that
+            of its newest finished run (:func:`resolve_checkpoint`).
             Only read, never trained or saved in this model's checkpoints.
         teacher_embeddings: instead, a feature store whose global descriptors are the teacher embedding of
             every training example, row for row (same ids as the training set).
@@ -163,20 +157,25 @@ class SSD(SS2D):
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file; a run directory stands for its ``last.ckpt``, a root of run directories for the
-    ``last.ckpt`` of its newest *finished* run (one that wrote its metrics), never a run still training."""
+    """The teacher's checkpoint file: a run directory stands for its best checkpoint (as its finished ``fit``
+    recorded it in ``run.json``), a root of run directories for the best checkpoint of its newest *finished*
+    run, never a run still training. The resolved path and its SHA-256 are printed and recorded in this run's
+    ``run.json`` (``inputs.teacher_checkpoint``)."""
     candidate = Path(path)
-    if not candidate.is_dir():
-        return candidate
-    if (candidate / LAST_CHECKPOINT).is_file():
-        return candidate / LAST_CHECKPOINT
-    finished = [p for p in candidate.iterdir() if (p / LAST_CHECKPOINT).is_file() and (p / METRICS_FILE).is_file()]
-    if not finished:
-        raise FileNotFoundError(
-            f"teacher_checkpoint {candidate} is a directory without a finished run (one with {LAST_CHECKPOINT} and "
-            f"{METRICS_FILE}); expected a .ckpt file, a run directory, or a root of run directories"
-        )
-    return max(finished, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime) / LAST_CHECKPOINT
+    if candidate.is_dir():
+        run = candidate if (candidate / RUN_FILE).is_file() else newest_finished_run(candidate)
+        best = best_checkpoint(run) if run is not None else None
+        if best is None:
+            where = f"run {candidate} has not finished" if run is not None else f"{candidate} holds no finished run"
+            raise FileNotFoundError(
+                f"teacher_checkpoint: {where} (no best checkpoint recorded in {RUN_FILE}); expected a .ckpt file, "
+                "a finished run directory, or a root of run directories"
+            )
+        candidate = best
+    if candidate.is_file():
+        digest = record_input("teacher_checkpoint", candidate)
+        rank_zero_info(f"teacher: {candidate.resolve()} (sha256 {digest})")
+    return candidate
 
 
 class StoredTeacher:

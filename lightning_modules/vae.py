@@ -21,7 +21,7 @@ import torch
 
 from lightning_modules.base import LRSchedule, MultiSizeEmbedding, RetrievalModule
 from lightning_modules.nn import mlp
-from lightning_modules.nn.similarity_distillation import DEFAULT_SIZES, check_sizes
+from lightning_modules.nn.multi_size import DEFAULT_SIZES, check_sizes
 
 
 class VAEPerSize(MultiSizeEmbedding, RetrievalModule):

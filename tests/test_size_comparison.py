@@ -1,18 +1,19 @@
 """Accuracy against embedding size: curves, tables, plots, reading runs back, the `compare` command, and the
 fidelity checks of (SS)2D on the embedded benchmark."""
 
+import hashlib
 import json
 
 import lightning.pytorch as pl
 import pytest
+from conftest import REPO, SMALL_BENCHMARK, run_cli
 
 from callbacks.retrieval_evaluation import RetrievalEvaluation
-from conftest import REPO, SMALL_BENCHMARK, run_cli
 from datamodules import EmbeddedBenchmark
 from lightning_modules import AESVC, SS2D, SSD, PCAProjection
+from reporting.run_results import read_run
+from reporting.size_curves import curves_from_metrics, markdown_table, plot_size_curves
 from retrieval.feature_store import FeatureStore
-from retrieval.run_results import RunResultsError, read_run
-from retrieval.size_curves import curves_from_metrics, markdown_table, plot_size_curves
 
 CONFIGS = REPO / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -46,32 +47,6 @@ def test_plot_is_written_as_a_png(tmp_path):
         plot_size_curves({"A": {}}, tmp_path / "empty.png")
 
 
-def test_reading_a_run_that_is_not_one_names_the_path(tmp_path):
-    with pytest.raises(RunResultsError, match=f"{tmp_path} holds no metrics.json"):
-        read_run(tmp_path)
-    (tmp_path / "fake.wandb").write_bytes(b"not a log")
-    with pytest.raises(RunResultsError, match="fake.wandb is not a W&B run log"):
-        read_run(tmp_path / "fake.wandb")
-
-
-@pytest.mark.slow
-def test_wandb_run_log_is_read_back_including_records_split_across_blocks(tmp_path):
-    import wandb
-
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="p", settings=wandb.Settings(silent=True))
-    # ~100 KiB in one record: split into FIRST / MIDDLE / LAST pieces across 32 KiB blocks
-    many = {f"val/set/metric_{i:05d}_{'x' * 40}@d8": i / 3000 for i in range(2000)}
-    for step in range(3):
-        run.log({"val/set/mAP@d8": 0.1 * step, "val/set/mAP@d16": 0.2 * step, **many})
-    run.summary["method"] = "Some method"
-    run.finish()
-    wandb.teardown()  # stop this process's W&B service
-    method, metrics = read_run(tmp_path / "wandb")
-    assert method == "Some method"
-    assert metrics["val/set/mAP@d8"] == pytest.approx(0.2) and metrics["val/set/mAP@d16"] == pytest.approx(0.4)
-    assert all(metrics[key] == pytest.approx(value) for key, value in many.items())
-
-
 @pytest.mark.slow
 def test_size_comparison_from_the_command_line(tmp_path):
     """Teacher -> (SS)2D on 1 and 2 processes (logging to W&B offline) -> PCA prefix -> `compare` over run
@@ -83,7 +58,16 @@ def test_size_comparison_from_the_command_line(tmp_path):
     ss2d += ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
     run_cli(*ss2d, "--trainer.devices=1", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     run_cli(*ss2d, "--trainer.devices=2", "--trainer.default_root_dir=runs/ss2d_two", cwd=tmp_path)
-    assert read_run(tmp_path / "runs/ss2d_two/version_0") == read_run(tmp_path / "runs/ss2d/embedded/version_0")
+    one_process = read_run(tmp_path / "runs/ss2d/embedded/version_0")
+    # The teacher is the AE-SVC run's best checkpoint, recorded with its hash in the student's run.
+    teacher_run = tmp_path / "runs/aesvc/embedded/version_0"
+    best = teacher_run / json.loads((teacher_run / "run.json").read_text())["best_checkpoint"]
+    inputs = json.loads((tmp_path / "runs/ss2d/embedded/version_0/run.json").read_text())["inputs"]
+    assert inputs["teacher_checkpoint"] == {
+        "path": str(best.resolve()),
+        "sha256": hashlib.sha256(best.read_bytes()).hexdigest(),
+    }
+    assert read_run(tmp_path / "runs/ss2d_two/version_0").metrics == one_process.metrics
     run_cli("fit", "--config", str(CONFIGS / "pca_prefix/embedded.yaml"), *SMALL_BENCHMARK, *QUIET, cwd=tmp_path)
     ss2d_run = tmp_path / "runs/ss2d/embedded/version_0"
     metrics = json.loads((ss2d_run / "metrics.json").read_text())
@@ -106,9 +90,9 @@ def test_size_comparison_from_the_command_line(tmp_path):
     )
     store = FeatureStore(ss2d_run / "embeddings/val_query.h5")
     assert store.global_descriptors().shape[1] == 256 and store.config["size_columns"]["8"] == [0, 8]
-    # The W&B run holds the same numbers (read back from its log file).
-    _, logged = read_run(ss2d_run / "wandb")
-    assert logged["val/embedded/mAP@100@d8"] == pytest.approx(metrics["val/embedded/mAP@100@d8"])
+    # The offline W&B run holds the same record (the copy of metrics.json among its files).
+    logged = read_run(ss2d_run / "wandb")
+    assert logged.metrics == one_process.metrics and logged.method == "(SS)2D"
     result = run_cli(
         "compare",
         "AE-SVC truncated=runs/aesvc/embedded",
@@ -128,6 +112,7 @@ def test_size_comparison_from_the_command_line(tmp_path):
     assert set(rows) == {"AE-SVC truncated", "(SS)2D", "PCA"}
     assert f"{metrics['val/embedded/mAP@100@d8']:.4f}" in rows["(SS)2D"]
     assert table.strip() in result.stdout
+    assert f"(SS)2D: {ss2d_run / 'wandb'}" in result.stdout and "val of best" in result.stdout
     assert (tmp_path / "docs/sizes.png").read_bytes()[:8] == PNG_MAGIC
     bad = run_cli("compare", "runs/nothing", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "runs/nothing does not exist" in bad.stderr
@@ -136,8 +121,11 @@ def test_size_comparison_from_the_command_line(tmp_path):
 # ---- fidelity of (SS)2D on the embedded benchmark ---------------------------------------------------------------
 
 SIZES = [8, 16, 32, 64, 128, 256]
-# Stated margin: (SS)2D's mAP@100 is within this of SSD's at every size (largest gap seen: 0.027, at 64).
+# Stated margins: (SS)2D's mAP@100 is within SSD_MARGIN of SSD's at every size (largest gap seen: 0.027, at 64)
+# and, since at 8 and 16 dimensions both are so small that an absolute margin would pass a (SS)2D scoring zero,
+# at least SSD_FRACTION of SSD's (smallest ratio seen: 0.72, at 8) and above PCA's at every size.
 SSD_MARGIN = 0.04
+SSD_FRACTION = 0.6
 
 
 def fit_and_score(model, root, epochs, data_root):
@@ -184,3 +172,5 @@ def test_ss2d_beats_pca_and_truncated_aesvc_at_small_sizes_and_stays_near_ssd(tm
                 assert ss2d[average_precision][size] > summary[rival][average_precision][size], (size, rival, summary)
     for size in SIZES:
         assert abs(ss2d[average_precision][size] - ssd[average_precision][size]) <= SSD_MARGIN, (size, summary)
+        assert ss2d[average_precision][size] >= SSD_FRACTION * ssd[average_precision][size], (size, summary)
+        assert ss2d[average_precision][size] > pca[average_precision][size], (size, summary)

@@ -4,6 +4,7 @@ import hashlib
 import math
 import os
 import stat
+from pathlib import Path
 
 import h5py
 import lightning.pytorch as pl
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_in_two_processes
 
 from callbacks.retrieval_evaluation import _size_columns, _unit_rows
-from conftest import run_in_two_processes
 from datamodules.feature_store import LabelledFeatureStores
 from lightning_modules import AESVC, SS2D, SSD, AESVCPerSize, MatryoshkaAESVC, PCAProjection, VAEPerSize
 from lightning_modules.nn.similarity_distillation import similarity_distillation_loss
@@ -155,6 +156,30 @@ def test_aesvc_per_size_trains_each_size_exactly_as_its_own_aesvc():
     assert per_size.size_views() == {3: slice(0, 3), 5: slice(3, 8)}
 
 
+def test_aesvc_per_size_with_the_mean_covariance_keeps_one_balance_at_every_size():
+    """The covariance as a mean over its k^2 entries, weighted 5^2 here, is the summed (paper's) loss at size 5,
+    and its batch-noise floor weighs the same at every size (summed, it grows with k^2)."""
+    torch.manual_seed(0)
+    per_size = AESVCPerSize(
+        sizes=[3, 5], input_dim=8, hidden_dims=[], covariance_reduction="mean", covariance_weight=25.0
+    )
+    single = AESVC(latent_dim=5, input_dim=8, hidden_dims=[])
+    single.encoder.load_state_dict(per_size.encoder.networks[1].state_dict())
+    single.decoder.load_state_dict(per_size.decoder[1].state_dict())
+    x = torch.randn(32, 8)
+    z = single.encode(x)
+    reconstruction = single.decoder(z)
+    torch.testing.assert_close(
+        per_size.objective_terms(x, z, reconstruction)["objective"],
+        single.objective_terms(x, z, reconstruction)["objective"],
+    )
+    weight = per_size.hparams.covariance_weight
+    floors = [weight * per_size.covariance_floor(500, size) for size in (8, 64, 256)]
+    assert floors == pytest.approx([25.0 * (k + 1) / (k * 500) for k in (8, 64, 256)])
+    assert max(floors) / min(floors) < 1.2  # summed: 8 * 9 / 500 against 256 * 257 / 500, a factor of 900
+    assert single.covariance_floor(500, 256) / single.covariance_floor(500, 8) == pytest.approx(256 * 257 / 72)
+
+
 def test_matryoshka_aesvc_decodes_each_prefix_with_the_later_dimensions_zeroed():
     model = MatryoshkaAESVC(sizes=[2, 4], input_dim=6, hidden_dims=[])
     z = torch.randn(5, 4)
@@ -163,19 +188,37 @@ def test_matryoshka_aesvc_decodes_each_prefix_with_the_later_dimensions_zeroed()
     assert len(model.decoder) == 1
 
 
-def test_vae_embeds_the_normalised_posterior_mean_and_its_kl_is_the_gaussian_one():
+def test_vae_embeds_the_normalised_posterior_mean():
     model = VAEPerSize(sizes=[2, 3], input_dim=6, hidden_dims=[])
     x = torch.randn(4, 6)
-    (mu2, logvar2), (mu3, _) = model.posteriors(x)
+    (mu2, _), (mu3, _) = model.posteriors(x)
     torch.testing.assert_close(
         model.embed({"embedding": x}), torch.cat([F.normalize(mu2, dim=-1), F.normalize(mu3, dim=-1)], 1)
     )
-    posterior = torch.distributions.Normal(mu2, (0.5 * logvar2).exp())
-    expected_kl = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).sum(-1).mean()
-    torch.manual_seed(0)
-    model.training_step({"embedding": x, "index": torch.arange(4)}, 0)
-    logged = 0.5 * (mu2**2 + logvar2.exp() - 1 - logvar2).sum(dim=-1).mean()
-    torch.testing.assert_close(logged, expected_kl)
+
+
+def test_vae_loss_is_the_hand_computed_reconstruction_plus_beta_times_the_gaussian_kl():
+    """Encoder set to a fixed posterior mu = (0.5, -1), log-variance = (ln 2, 0); decoder set to output the
+    constant (1, 0) whatever the sample, so the sampling noise does not matter."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+
+    def loss(beta):
+        model = VAEPerSize(sizes=[2], input_dim=2, hidden_dims=[], beta=beta)
+        with torch.no_grad():
+            model.encoders[0][0].weight.zero_()
+            model.encoders[0][0].bias.copy_(torch.tensor([0.5, -1.0, math.log(2.0), 0.0]))
+            model.decoders[0][0].weight.zero_()
+            model.decoders[0][0].bias.copy_(torch.tensor([1.0, 0.0]))
+        return float(model.training_step({"embedding": x, "index": torch.arange(3)}, 0).detach())
+
+    # KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - ln s^2) / 2 per dimension, summed.
+    kl = (0.25 + 2.0 - 1.0 - math.log(2.0)) / 2 + (1.0 + 1.0 - 1.0 - 0.0) / 2
+    # Squared error summed over dimensions, averaged over examples: (0 + 4, 4 + 0, 1 + 0) / 3.
+    reconstruction = (4.0 + 4.0 + 1.0) / 3
+    assert kl == pytest.approx(0.778426, abs=1e-6)
+    assert loss(0.0) == pytest.approx(reconstruction)
+    assert loss(1.0) == pytest.approx(reconstruction + kl)
+    assert loss(0.01) == pytest.approx(reconstruction + 0.01 * kl)
 
 
 # ---- the teacher -------------------------------------------------------------------------------------------------
@@ -253,21 +296,33 @@ def test_teacher_checkpoint_is_loaded_read_only_and_stays_out_of_the_student(tmp
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
-def test_a_root_of_runs_stands_for_the_last_checkpoint_of_its_newest_finished_run(tmp_path):
+def test_a_run_stands_for_its_best_checkpoint_and_a_root_for_its_newest_finished_run(tmp_path, monkeypatch):
+    from lightning_modules.run_directory import RUN_DIR_ENV, RunInfo
     from lightning_modules.ss2d import resolve_checkpoint
 
-    for version, mtime, finished in (("version_0", 1000, True), ("version_1", 1001, True), ("version_2", 1002, False)):
-        checkpoint = tmp_path / "runs" / version / "checkpoints" / "last.ckpt"
-        checkpoint.parent.mkdir(parents=True)
-        checkpoint.write_bytes(b"x")
-        os.utime(checkpoint, (mtime, mtime))
-        if finished:
-            (tmp_path / "runs" / version / "metrics.json").write_text("{}")
-    # version_2 is newer but still training (no metrics yet): not a teacher
-    assert resolve_checkpoint(str(tmp_path / "runs")) == tmp_path / "runs/version_1/checkpoints/last.ckpt"
-    assert resolve_checkpoint(str(tmp_path / "runs/version_2")) == tmp_path / "runs/version_2/checkpoints/last.ckpt"
-    with pytest.raises(FileNotFoundError, match="without a finished run"):
-        resolve_checkpoint(str(tmp_path))
+    runs, best = tmp_path / "runs", "checkpoints/epoch001-step000010.ckpt"
+    finished_at = {"version_0": "2026-01-01T00:00:00", "version_1": "2026-01-02T00:00:00", "version_2": None}
+    for version, finished in finished_at.items():
+        run = runs / version
+        (run / "checkpoints").mkdir(parents=True)
+        for name in ("last.ckpt", Path(best).name):
+            (run / "checkpoints" / name).write_bytes(f"{version}/{name}".encode())
+        RunInfo(directory=str(run), wandb_id="x", best_checkpoint=best if finished else None, finished=finished).save()
+    student = tmp_path / "student"
+    student.mkdir()
+    RunInfo(directory=str(student), wandb_id="y").save()
+    monkeypatch.setenv(RUN_DIR_ENV, str(student))
+    # version_2 is newer but still training (no best checkpoint recorded): not a teacher
+    assert resolve_checkpoint(str(runs)) == runs / "version_1" / best
+    assert resolve_checkpoint(str(runs / "version_0")) == runs / "version_0" / best  # its best, not last.ckpt
+    recorded = RunInfo.load(student).inputs["teacher_checkpoint"]
+    digest = hashlib.sha256(f"version_0/{Path(best).name}".encode()).hexdigest()
+    assert recorded == {"path": str((runs / "version_0" / best).resolve()), "sha256": digest}
+    with pytest.raises(FileNotFoundError, match="version_2 has not finished"):
+        resolve_checkpoint(str(runs / "version_2"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty holds no finished run"):
+        resolve_checkpoint(str(tmp_path / "empty"))
 
 
 def test_bad_teacher_path_and_mismatched_dimensions_give_clear_errors(tmp_path, teacher_checkpoint):

@@ -12,18 +12,13 @@ The similarity of an example with itself is 1 for every model and carries no inf
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from lightning_modules.nn.mlp import mlp
 
 DiagonalHandling = Literal["mask", "keep"]
-#: The paper's embedding sizes.
-DEFAULT_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 def similarity_log_distribution(
@@ -66,47 +61,3 @@ def multi_size_distillation_losses(
         terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
         losses[size] = terms.sum(dim=-1).mean()
     return losses
-
-
-def check_sizes(sizes: Sequence[int], largest_allowed: int | None = None, what: str = "sizes") -> list[int]:
-    """``sizes`` as a list of strictly increasing positive integers, or a ``ValueError`` saying why not."""
-    sizes = [int(s) for s in sizes]
-    if not sizes or any(s <= 0 for s in sizes) or sorted(set(sizes)) != sizes:
-        raise ValueError(f"{what} must be strictly increasing positive integers, got {sizes}")
-    if largest_allowed is not None and sizes[-1] > largest_allowed:
-        raise ValueError(f"{what}: the largest size {sizes[-1]} exceeds the {largest_allowed} available dimensions")
-    return sizes
-
-
-class NestedEmbedding(nn.Module):
-    """One network whose output's first ``m`` dimensions are the embedding of size ``m``, for every ``m``.
-
-    ``hidden_dims=()`` is a linear map; otherwise an MLP with ReLU (no activation on the output).
-    """
-
-    def __init__(self, input_dim: int, sizes: Sequence[int], hidden_dims: Sequence[int] = ()):
-        super().__init__()
-        self.sizes = check_sizes(sizes)
-        self.network = mlp(input_dim, hidden_dims, self.sizes[-1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
-
-    def by_size(self, output: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The embedding of every size, as prefixes of one output (views, no other forward)."""
-        return {size: output[..., :size] for size in self.sizes}
-
-
-class SeparateEmbeddings(nn.Module):
-    """One independent network per size (SSD, and the per-size baselines); the output concatenates them."""
-
-    def __init__(self, input_dim: int, sizes: Sequence[int], hidden_dims: Sequence[int] = ()):
-        super().__init__()
-        self.sizes = check_sizes(sizes)
-        self.networks = nn.ModuleList(mlp(input_dim, hidden_dims, size) for size in self.sizes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([network(x) for network in self.networks], dim=-1)
-
-    def by_size(self, output: torch.Tensor) -> dict[int, torch.Tensor]:
-        return dict(zip(self.sizes, output.split(self.sizes, dim=-1)))
