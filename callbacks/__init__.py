@@ -1,8 +1,8 @@
 """Callbacks: the shared retrieval evaluation, baseline comparison and run-config saving."""
 
 from callbacks.baseline_comparison import BaselineComparison
-from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.prediction_writer import PredictionWriter
+from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.run_config import SaveRunConfig
 
 __all__ = ["BaselineComparison", "PredictionWriter", "RetrievalEvaluation", "SaveRunConfig"]

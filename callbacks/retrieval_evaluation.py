@@ -9,14 +9,14 @@ processes, 1 and N processes log the same metrics.
 For a method with embeddings of several sizes (:meth:`RetrievalModule.size_views`) every size is scored
 from the same gathered embeddings and logged as ``<stage>/<eval set>/<metric>@d<size>``.
 
-At the end of ``fit``, ``validate`` and ``test`` it prints a table of the stage's metrics and writes
-``metrics.json`` (with the method's name) into the run directory; with several sizes it also draws metric
-against size into ``size_curves_<stage>.png`` there and logs the same table and line plots to W&B.
+At the end of ``fit``, ``validate`` and ``test`` it prints a table of the stage's metrics, saying which
+checkpoint they come from, and records them in ``metrics.json`` in the run directory with that checkpoint
+(every evaluation is kept: :mod:`reporting.metrics_record`); with several sizes it also draws metric against
+size into ``size_curves_<stage>.png`` there and logs the same table and line plots to W&B.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,13 +26,23 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
-from datamodules.base import EvalSet, RetrievalDataModule
+from datamodules.base import RetrievalDataModule
 from lightning_modules.base import method_name
+from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, record_fit_result
+from reporting.metrics_record import (
+    METHOD_KEY,
+    METRICS_FILE,
+    SIZE_KEY,
+    add_evaluations,
+    describe,
+    evaluation,
+    select_evaluation,
+)
+from reporting.size_curves import curves_from_metrics, plot_size_curves
+from reporting.tables import format_table
 from retrieval.diagnostics import cosine_similarity_variance
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.files import write_text_atomic
-from retrieval.run_results import METHOD_KEY
-from retrieval.size_curves import curves_from_metrics, plot_size_curves
 
 # Rows per gather call, so gathering a large database never holds it whole on an accelerator.
 GATHER_CHUNK_ROWS = 32768
@@ -54,6 +64,7 @@ class RetrievalEvaluation(pl.Callback):
         self.metrics_file = metrics_file
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self._fit_validations: dict[int, tuple[int, dict[str, float]]] = {}  # step -> (epoch, metrics)
 
     # ---- collection -----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -96,32 +107,128 @@ class RetrievalEvaluation(pl.Callback):
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+            record_fit_result(Path(trainer.default_root_dir), best_and_last(trainer)[0], monitor)
         self._report(trainer, pl_module, "val")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
             self._report(trainer, pl_module, "val")
+        elif trainer.state.fn == "fit" and not trainer.sanity_checking and "val" in self.last_metrics:
+            # Every validation of this fit by step, so that the end of fit can report the best checkpoint's.
+            self._fit_validations[trainer.global_step] = (trainer.current_epoch, dict(self.last_metrics["val"]))
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "test")
 
     def _report(self, trainer, pl_module, stage: str) -> None:
+        """Print the metrics with the checkpoint they come from, record them in ``metrics.json`` (every
+        evaluation kept, :mod:`reporting.metrics_record`), draw the size curves and log them to W&B."""
         metrics = self.last_metrics.get(stage)
         if not metrics or not trainer.is_global_zero:
             return
-        print(format_table(["metric", "value"], [[k, v] for k, v in metrics.items()], title=f"{stage} metrics"))
         run_directory = Path(trainer.default_root_dir)
-        path = run_directory / self.metrics_file
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        saved.update(metrics)
-        saved[METHOD_KEY] = method_name(pl_module)  # names the run's line in `compare`
-        write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        curves = curves_from_metrics(metrics, stage)
+        subcommand = getattr(trainer.state.fn, "value", trainer.state.fn)
+        if subcommand == "fit":
+            entries, notes = fit_evaluations(trainer, run_directory, self._fit_validations)
+            self._fit_validations = {}
+        else:
+            checkpoint, notes = trainer.ckpt_path, []
+            roles = checkpoint_roles(run_directory, checkpoint)
+            entries = [evaluation(stage, subcommand, run_relative(checkpoint, run_directory), roles, metrics)]
+        if not entries:  # a fit that ran no validation in this process (e.g. resuming a finished run)
+            return
+        method = method_name(pl_module)
+        record = add_evaluations(
+            run_directory / self.metrics_file, entries, **{METHOD_KEY: method, SIZE_KEY: pl_module.retrieval_dim}
+        )
+        shown = select_evaluation(record, stage) if subcommand == "fit" else entries[0]
+        title = f"{stage} metrics of the {describe(shown)}"
+        print(format_table(["metric", "value"], [[k, v] for k, v in shown["metrics"].items()], title=title))
+        for note in notes:
+            print(note)
+        curves = curves_from_metrics(shown["metrics"], stage)
         if curves:
-            plot_size_curves({method_name(pl_module): curves}, run_directory / f"size_curves_{stage}.png")
+            plot_size_curves({method: curves}, run_directory / f"size_curves_{stage}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                log_size_curves_to_wandb(logger.experiment, method_name(pl_module), curves, stage)
+                log_size_curves_to_wandb(logger.experiment, method, curves, stage)
+                keep_in_wandb_run(logger.experiment, run_directory / self.metrics_file, pl_module.retrieval_dim)
+
+
+def fit_evaluations(trainer, run_directory: Path, validations: dict[int, tuple[int, dict]]) -> tuple[list, list]:
+    """The ``metrics.json`` entries of a finished fit, and notes to print.
+
+    The best checkpoint (:func:`best_and_last`) and the end of training are recorded with the metrics of the
+    validation at their step.
+    """
+    best, last = best_and_last(trainer)
+    steps = {path: checkpoint_step(path) for path in (best, last) if path is not None and path.is_file()}
+    if not validations:
+        return [], []
+    final_step = max(validations)
+    entries, notes = [], []
+    for step in sorted({final_step, *(s for s in steps.values() if s in validations)}):
+        epoch, metrics = validations[step]
+        roles = [role for role, path in (("best", best), ("last", last)) if path in steps and steps[path] == step]
+        file = best if "best" in roles else last if "last" in roles else None
+        entries.append(evaluation("val", "fit", run_relative(file, run_directory), roles, metrics, epoch, step))
+    if len(entries) > 1:
+        notes.append(f"{METRICS_FILE} also records the {describe(entries[-1])}")
+    if best is not None and steps.get(best) not in validations:
+        notes.append(
+            f"the best checkpoint {best} was not validated in this process (e.g. before a resume): "
+            f"`validate --ckpt_path {best}` scores it"
+        )
+    return entries, notes
+
+
+def best_and_last(trainer) -> tuple[Path | None, Path | None]:
+    """The checkpoint callback's best checkpoint (without a monitor: its newest; with no top-k checkpoint
+    kept: the last) and its last checkpoint. ``run.json`` records the best, which ``validate`` / ``test``
+    without ``--ckpt_path`` and teacher resolution use."""
+    callback = trainer.checkpoint_callback
+    best = Path(callback.best_model_path) if callback is not None and callback.best_model_path else None
+    last = Path(callback.last_model_path) if callback is not None and callback.last_model_path else None
+    return best or last, last
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step")
+
+
+def checkpoint_roles(run_directory: Path, checkpoint: str | None) -> list[str]:
+    """What ``checkpoint`` is to the run: its ``best`` (as recorded in ``run.json``) and/or its ``last``."""
+    if not checkpoint:
+        return []
+    path, roles = Path(checkpoint).resolve(), []
+    best = best_checkpoint(run_directory)
+    if best is not None and best.resolve() == path:
+        roles.append("best")
+    if path == (run_directory / LAST_CHECKPOINT).resolve():
+        roles.append("last")
+    return roles
+
+
+def run_relative(checkpoint: str | Path | None, run_directory: Path) -> str | None:
+    """``checkpoint`` relative to the run directory when inside it, else absolute."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint).resolve()
+    try:
+        return str(path.relative_to(run_directory.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def keep_in_wandb_run(experiment, metrics_file: Path, embedding_size: int | None) -> None:
+    """A copy of ``metrics.json`` among the W&B run's files (uploaded with them; read back by ``compare``)."""
+    experiment.summary[SIZE_KEY] = embedding_size
+    if getattr(experiment, "disabled", False) or not getattr(experiment, "dir", None):
+        return
+    write_text_atomic(Path(experiment.dir) / METRICS_FILE, metrics_file.read_text())
 
 
 def log_size_curves_to_wandb(experiment, method: str, curves: dict[str, dict[int, float]], stage: str) -> None:
@@ -157,18 +264,22 @@ def score_eval_sets(
     (:meth:`RetrievalModule.size_views`) every size is scored from the same gathered embeddings and logged as
     ``<stage>/<set>/<metric>@d<size>``; the unsuffixed keys repeat the largest size.
     """
-    gathered: dict[tuple[str, str], np.ndarray] = {}
-    eval_sets: dict[str, EvalSet] = {}
-    for loader_idx, (eval_set, role) in enumerate(datamodule.eval_loader_roles(stage)):
-        expected = eval_set.ground_truth.num_database if role == "database" else eval_set.ground_truth.num_queries
-        gathered[(eval_set.name, role)] = gather_by_index(trainer, outputs_of(loader_idx), expected, f"{eval_set.name} {role}")
-        eval_sets[eval_set.name] = eval_set
+    # Each part once, even when several evaluation sets share it (e.g. the 1M distractors of Oxford and Paris).
+    gathered = {
+        name: gather_by_index(trainer, outputs_of(loader_idx), len(dataset), name)
+        for loader_idx, (name, dataset) in enumerate(datamodule.eval_parts(stage).items())
+    }
     metrics: dict[str, float] = {}
+    # Search where the evaluation runs: on its GPU when it has one (same rankings as the CPU path).
+    device = trainer.strategy.root_device if trainer.strategy.root_device.type != "cpu" else None
     if trainer.is_global_zero:
-        for name, eval_set in eval_sets.items():
+        for eval_set in datamodule.eval_sets(stage):
+            name = eval_set.name
+            all_queries = _concatenate([gathered[part] for part in eval_set.query_parts])
+            all_database = _concatenate([gathered[part] for part in eval_set.database_parts])
             for suffix, columns in _size_columns(size_views):
-                queries, database = (_unit_rows(gathered.get((name, role)), columns) for role in ("query", "database"))
-                scores = evaluate_embeddings(queries, database, eval_set.ground_truth, progress=progress)
+                queries, database = _unit_rows(all_queries, columns), _unit_rows(all_database, columns)
+                scores = evaluate_embeddings(queries, database, eval_set.ground_truth, progress=progress, device=device)
                 if cosine_variance:
                     scores["cos_var"] = cosine_similarity_variance(database)
                 metrics.update({f"{stage}/{name}/{metric}{suffix}": value for metric, value in scores.items()})
@@ -178,6 +289,13 @@ def score_eval_sets(
                 metrics.update({k.removesuffix(largest): v for k, v in of_largest.items()})
         metrics.update(datamodule.summary_metrics(stage, metrics))
     return trainer.strategy.broadcast(metrics, src=0)
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray | None:
+    """The rows of consecutive parts as one array (no copy for a single part); ``None`` for no parts."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _size_columns(size_views: dict[int, slice] | None) -> list[tuple[str, slice | None]]:
@@ -255,13 +373,3 @@ def _retrieval_datamodule(trainer) -> RetrievalDataModule:
             f"{type(datamodule).__name__}"
         )
     return datamodule
-
-
-def format_table(header: list[str], rows: list[list], title: str | None = None) -> str:
-    """A plain-text table; floats shown with 4 decimals."""
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(header)]
-    line = "+".join("-" * (w + 2) for w in widths)
-    render = lambda row: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    out = ([title] if title else []) + [render(header), line] + [render(r) for r in cells]
-    return "\n".join(out)

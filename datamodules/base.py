@@ -1,9 +1,12 @@
 """The datamodule contract every benchmark follows.
 
 A datamodule provides a training set and, per stage, one or more *evaluation sets*: a database, optionally
-separate queries, and the ground truth that scores a ranking of the database. The evaluation callback reads
-:meth:`RetrievalDataModule.eval_sets` and :meth:`RetrievalDataModule.eval_loader_roles` to know which
-dataloader holds what; every example carries its global ``index`` within its dataset.
+separate queries, and the ground truth that scores a ranking of the database. Databases and queries are made of
+named *parts* (most have one; a Revisited database with distractors has two: its own images, then the 1M
+distractors). A part with the same name in several evaluation sets of a stage is the same data: it gets one
+dataloader and is embedded and gathered once per evaluation (the distractors shared by Oxford and Paris). Every
+example carries its ``index`` within its part. The evaluation callback reads :meth:`RetrievalDataModule.eval_sets`
+and :meth:`RetrievalDataModule.eval_parts` (one dataloader per part, in that order).
 
 Distribution is handled here, not by Lightning's sampler injection (the CLI sets
 ``use_distributed_sampler=False``): see :mod:`datamodules.sampling` for why 1 and N processes then agree.
@@ -12,43 +15,112 @@ Distribution is handled here, not by Lightning's sampler injection (the CLI sets
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampling import EpochPermutation, GlobalBatchSampler, ResumableDataLoader, ShardSampler
+from datamodules.sampling import (
+    EpochPermutation,
+    GlobalBatchSampler,
+    ResumableDataLoader,
+    ShapeBatchSampler,
+    ShardSampler,
+    contiguous_block,
+)
 from retrieval.ground_truth import GroundTruth
 
 EvalStage = Literal["val", "test"]
-Role = Literal["query", "database"]
+
+
+Parts = Mapping[str, Dataset]
 
 
 @dataclass
 class EvalSet:
-    """One benchmark's queries, database and ground truth; ``queries=None`` means leave-one-out."""
+    """One benchmark's queries, database and ground truth; ``queries=None`` means leave-one-out.
+
+    ``database`` and ``queries`` are a dataset or named parts concatenated in order (see the module docstring); a
+    single dataset is the part ``<name>/database`` (``<name>/query``). Ground-truth indices count across the
+    concatenated parts.
+    """
 
     name: str
-    database: Dataset
+    database: Dataset | Parts
     ground_truth: GroundTruth
-    queries: Dataset | None = None
+    queries: Dataset | Parts | None = None
 
     def __post_init__(self) -> None:
         if self.queries is None and not self.ground_truth.queries_are_database:
             raise ValueError(f"eval set '{self.name}': no queries given, but the protocol is not leave-one-out")
-        expected = {"database": (self.database, self.ground_truth.num_database)}
+        expected = {"database": (self.database_parts, self.ground_truth.num_database)}
         if self.queries is not None:
-            expected["query"] = (self.queries, self.ground_truth.num_queries)
-        for role, (dataset, count) in expected.items():
-            if len(dataset) != count:
-                raise ValueError(
-                    f"eval set '{self.name}': {len(dataset)} {role} examples but the ground truth expects {count}"
-                )
+            expected["query"] = (self.query_parts, self.ground_truth.num_queries)
+        for role, (parts, count) in expected.items():
+            if not parts:
+                raise ValueError(f"eval set '{self.name}': no {role} parts given")
+            size = sum(len(dataset) for dataset in parts.values())
+            if size != count:
+                raise ValueError(f"eval set '{self.name}': {size} {role} examples but the ground truth expects {count}")
 
-    def roles(self) -> list[tuple[Role, Dataset]]:
-        loaders: list[tuple[Role, Dataset]] = [] if self.queries is None else [("query", self.queries)]
-        return loaders + [("database", self.database)]
+    @property
+    def database_parts(self) -> dict[str, Dataset]:
+        return _named_parts(self.database, f"{self.name}/database")
+
+    @property
+    def query_parts(self) -> dict[str, Dataset]:
+        """Empty for leave-one-out."""
+        return {} if self.queries is None else _named_parts(self.queries, f"{self.name}/query")
+
+
+def _named_parts(value: Dataset | Parts, default_name: str) -> dict[str, Dataset]:
+    return dict(value) if isinstance(value, Mapping) else {default_name: value}
+
+
+class RowSubset(Dataset):
+    """Some rows of a dataset as a dataset of their own (e.g. a validation split held out from a training list):
+    each example's ``index`` is its position in the subset, as the evaluation and the samplers expect."""
+
+    def __init__(self, dataset: Dataset, rows):
+        self.dataset = dataset
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[int(self.rows[index])], "index": index}
+
+    def __getitems__(self, indices: Sequence[int]):
+        """A batch through the dataset's own batched read when it has one (one indexed read of a store)."""
+        read = getattr(self.dataset, "__getitems__", None)
+        if read is None:
+            return [self[i] for i in indices]
+        batch = read([int(self.rows[i]) for i in indices])
+        if isinstance(batch, list):
+            return [{**example, "index": i} for example, i in zip(batch, indices)]
+        batch.index = torch.as_tensor(indices, dtype=torch.int64)  # a batch read at once (EmbeddingRows)
+        return batch
+
+    def resized_shapes(self, indices: Sequence[int]):
+        """The shapes of the images at ``indices`` (see ``ImageListDataset.resized_shapes``), so a subset of
+        images resized keeping their aspect ratio is batched by shape too; ``None`` for other datasets."""
+        shapes = getattr(self.dataset, "resized_shapes", None)
+        return None if shapes is None else shapes([int(self.rows[i]) for i in indices])
+
+    @property
+    def ids(self) -> list[str] | None:
+        ids = getattr(self.dataset, "ids", None)
+        return None if ids is None else [ids[row] for row in self.rows]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = getattr(self.dataset, "labels", None)
+        return None if labels is None else np.asarray(labels)[self.rows]
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -107,13 +179,25 @@ class RetrievalDataModule(pl.LightningDataModule):
             eval_sets = self.build_eval_sets(stage)
             names = [e.name for e in eval_sets]
             if len(set(names)) != len(names):
-                raise ValueError(f"{type(self).__name__}: evaluation sets need distinct names (metric keys), got {names}")
+                raise ValueError(
+                    f"{type(self).__name__}: evaluation sets need distinct names (metric keys), got {names}"
+                )
             self._eval_sets[stage] = eval_sets
         return self._eval_sets[stage]
 
-    def eval_loader_roles(self, stage: EvalStage) -> list[tuple[EvalSet, Role]]:
-        """What each dataloader of ``stage`` holds, in dataloader order."""
-        return [(eval_set, role) for eval_set in self.eval_sets(stage) for role, _ in eval_set.roles()]
+    def eval_parts(self, stage: EvalStage) -> dict[str, Dataset]:
+        """Every distinct part of the stage's evaluation sets by name, in dataloader order (a part shared by
+        several evaluation sets appears once)."""
+        parts: dict[str, Dataset] = {}
+        for eval_set in self.eval_sets(stage):
+            for name, dataset in [*eval_set.query_parts.items(), *eval_set.database_parts.items()]:
+                if name in parts and len(parts[name]) != len(dataset):
+                    raise ValueError(
+                        f"{type(self).__name__}: evaluation part '{name}' has {len(parts[name])} examples in one "
+                        f"evaluation set and {len(dataset)} in another; a part name must always mean the same data"
+                    )
+                parts.setdefault(name, dataset)
+        return parts
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
@@ -135,28 +219,34 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self.eval_dataloaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
+        """Per predicted dataset, this process's contiguous block (see :func:`contiguous_block`), or the
+        indices a resuming prediction writer left in :attr:`predict_indices`."""
+        rank, world_size = self._distribution()
         return [
-            self.sharded_dataloader(dataset, self.predict_indices.get(name))
+            self.sharded_dataloader(
+                dataset, self.predict_indices.get(name, contiguous_block(len(dataset), rank, world_size))
+            )
             for name, dataset in self.predict_datasets().items()
         ]
 
-    def sharded_dataloader(self, dataset: Dataset, indices: list[int] | None = None) -> DataLoader:
-        """Sequential loader over this process's (padded) shard of ``dataset`` (see :class:`ShardSampler`),
-        or over ``indices`` when given."""
+    def sharded_dataloader(self, dataset: Dataset, indices: Sequence[int] | None = None) -> DataLoader:
+        """Loader over this process's (padded) shard of ``dataset`` (see :class:`ShardSampler`), or over
+        ``indices`` when given. Images resized to different shapes (a dataset with ``resized_shapes``) are
+        batched by shape, so any ``eval_batch_size`` works with aspect-ratio-keeping resizing."""
         rank, world_size = self._distribution()
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            sampler=ShardSampler(len(dataset), rank, world_size) if indices is None else indices,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn(),
+        indices = list(ShardSampler(len(dataset), rank, world_size) if indices is None else indices)
+        shapes = getattr(dataset, "resized_shapes", None)
+        shapes = shapes(indices) if shapes is not None and self.eval_batch_size > 1 else None
+        batching = (
+            {"batch_size": self.eval_batch_size, "sampler": indices}
+            if shapes is None
+            else {"batch_sampler": ShapeBatchSampler(indices, shapes, self.eval_batch_size)}
         )
+        return DataLoader(dataset, num_workers=self.num_workers, collate_fn=self.collate_fn(), **batching)
 
     def eval_dataloaders(self, stage: EvalStage) -> list[DataLoader]:
-        """One sharded loader per (eval set, role), in :meth:`eval_loader_roles` order."""
-        return [
-            self.sharded_dataloader(dataset) for eval_set in self.eval_sets(stage) for _, dataset in eval_set.roles()
-        ]
+        """One sharded loader per evaluation part, in :meth:`eval_parts` order."""
+        return [self.sharded_dataloader(dataset) for dataset in self.eval_parts(stage).values()]
 
     def _distribution(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -48,8 +48,11 @@ class GLDv2Retrieval:
     query_subsets: list[str]  # "public" or "private"
     positives: list[np.ndarray]  # per query, positions in index_ids
 
-    def ground_truth(self, k: int = 100) -> GLDv2GroundTruth:
-        return GLDv2GroundTruth(self.positives, self.query_subsets, len(self.index_ids), k)
+    def ground_truth(self, k: int = 100, rows=None) -> GLDv2GroundTruth:
+        """The protocol over all scored queries, or over the queries at ``rows``."""
+        rows = range(len(self.query_ids)) if rows is None else rows
+        positives, subsets = [self.positives[i] for i in rows], [self.query_subsets[i] for i in rows]
+        return GLDv2GroundTruth(positives, subsets, len(self.index_ids), k)
 
 
 def read_gldv2_retrieval(root: str | Path) -> GLDv2Retrieval:
@@ -149,8 +152,10 @@ class GoogleLandmarksV2(ImageBenchmark):
     """Google Landmarks v2 from its published layout (see the module docstring for layout and sizes).
 
     Lists: ``train`` (the selected training images, labelled by landmark), ``index`` and ``test`` (the
-    scored Public and Private retrieval queries, in solution-file order). GLDv2 has no validation split:
-    validation and test both report Public and Private mAP@100 (tune on Public, report Private).
+    scored Public and Private retrieval queries, in solution-file order). GLDv2 has no validation split; as in
+    the AMES code, the Public queries validate (``val/gldv2/public/mAP@100``, what configs monitor) and the
+    Private queries test (``test/gldv2/private/mAP@100``), so nothing is selected on the queries that are
+    reported. Both search the whole index.
 
     Args:
         root: the dataset directory.
@@ -196,6 +201,13 @@ class GoogleLandmarksV2(ImageBenchmark):
     def train_list(self) -> str:
         return "train"
 
-    def eval_specs(self, stage) -> list[EvalSpec]:
+    def subsets(self) -> dict[str, tuple[str, np.ndarray]]:
         self.lists  # noqa: B018 - reads the retrieval solution
-        return [EvalSpec("gldv2", self.retrieval.ground_truth(self.k), database=["index"], query="test")]
+        subsets = np.asarray(self.retrieval.query_subsets)
+        return {f"test_{name}": ("test", np.flatnonzero(subsets == name)) for name in ("public", "private")}
+
+    def eval_specs(self, stage) -> list[EvalSpec]:
+        name = "test_public" if stage == "val" else "test_private"
+        rows = self.subsets()[name][1]  # reads the retrieval solution
+        ground_truth = self.retrieval.ground_truth(self.k, rows=rows)
+        return [EvalSpec("gldv2", ground_truth, database=["index"], query=name)]

@@ -27,10 +27,10 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
-from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
-from datamodules.feature_store import EmbeddingDataset
+from datamodules.base import EvalSet, EvalStage, RetrievalDataModule, RowSubset
+from datamodules.feature_store import EmbeddingDataset, collate_embeddings
 from datamodules.hf_images import HFImageSource
 from datamodules.layout import DatasetFormatError, DatasetLayoutError
 from retrieval.feature_store import FeatureStore
@@ -70,7 +70,8 @@ class ImageTransform:
 
     Modes:
         ``longer_side``: the longer side becomes ``image_size``, the aspect ratio is kept (the Revisited and
-            GLDv2 practice); images of different shapes then need a batch size of 1.
+            GLDv2 practice); images of the same resized shape are batched together (see
+            :meth:`ImageListDataset.resized_shapes`).
         ``square``: resized to ``image_size`` x ``image_size``, aspect ratio not kept.
         ``center_crop``: the shorter side becomes ``image_size``, then the central square is cut.
     Each side is rounded to a multiple of ``multiple_of`` (a ViT's patch size), at least one multiple.
@@ -85,20 +86,28 @@ class ImageTransform:
     def _round(self, value: float) -> int:
         return max(self.multiple_of, int(round(value / self.multiple_of)) * self.multiple_of)
 
+    @property
+    def keeps_aspect_ratio(self) -> bool:
+        """Whether the output shape depends on the image (else every image gets the same shape)."""
+        return self.mode == "longer_side"
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` of the transformed image of an image of ``width`` x ``height`` pixels."""
+        if self.mode == "longer_side":
+            ratio = self.image_size / max(width, height)
+            return self._round(width * ratio), self._round(height * ratio)
+        side = self._round(self.image_size)
+        return side, side
+
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         width, height = image.size
         offset_x = offset_y = 0.0
-        if self.mode == "square":
-            new_w = new_h = self._round(self.image_size)
-        elif self.mode == "longer_side":
-            ratio = self.image_size / max(width, height)
-            new_w, new_h = self._round(width * ratio), self._round(height * ratio)
-        else:
+        if self.mode == "center_crop":
             side = min(width, height)
             offset_x, offset_y = (width - side) // 2, (height - side) // 2
             image = image.crop((offset_x, offset_y, offset_x + side, offset_y + side))
             width = height = side
-            new_w = new_h = self._round(self.image_size)
+        new_w, new_h = self.output_size(width, height)
         image = image.resize((new_w, new_h), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         to_original = torch.tensor([width / new_w, height / new_h, offset_x, offset_y], dtype=torch.float32)
@@ -114,7 +123,9 @@ def load_image(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise DatasetLayoutError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DatasetFormatError(f"{path}: cannot be decoded as an image ({error}); expected a complete JPEG/PNG file") from error
+        raise DatasetFormatError(
+            f"{path}: cannot be decoded as an image ({error}); expected a complete JPEG/PNG file"
+        ) from error
     return image
 
 
@@ -138,6 +149,7 @@ class ImageListDataset(Dataset):
         self.images = images
         self.transform = transform
         self.skip_unreadable = skip_unreadable
+        self._sizes: np.ndarray | None = None  # [N, 2] width, height; -1 until read
 
     @property
     def ids(self) -> list[str]:
@@ -146,6 +158,41 @@ class ImageListDataset(Dataset):
     @property
     def labels(self) -> np.ndarray | None:
         return self.images.labels
+
+    def image_sizes(self, indices: Sequence[int]) -> np.ndarray:
+        """``[len(indices), 2]`` (width, height) of the images as the transform receives them (after the crop
+        box), read from the file headers without decoding, and cached."""
+        if self._sizes is None:
+            self._sizes = np.full((len(self), 2), -1, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        for index in np.unique(indices[self._sizes[indices, 0] < 0]):
+            self._sizes[index] = self._read_size(int(index))
+        return self._sizes[indices]
+
+    def _read_size(self, index: int) -> tuple[int, int]:
+        if self.images.boxes is not None:  # PIL's crop rounds the box, whatever the image's size
+            x1, y1, x2, y2 = (int(round(float(v))) for v in self.images.boxes[index])
+            return x2 - x1, y2 - y1
+        image_id = self.images.paths[index]
+        if self.source is not None:
+            return self.source.open(image_id).size
+        path = self.root / image_id
+        try:
+            with Image.open(path) as opened:  # reads the header only
+                return opened.size
+        except FileNotFoundError:
+            raise DatasetLayoutError(f"{path}: image file not found") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DatasetFormatError(
+                f"{path}: cannot be read as an image ({error}); expected a JPEG/PNG file"
+            ) from error
+
+    def resized_shapes(self, indices: Sequence[int]) -> list[tuple[int, int]] | None:
+        """``(height, width)`` of each transformed image, or ``None`` when the transform gives every image the
+        same shape; the dataloaders batch equal shapes together."""
+        if not self.transform.keeps_aspect_ratio:
+            return None
+        return [self.transform.output_size(w, h)[::-1] for w, h in self.image_sizes(indices).tolist()]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -176,8 +223,9 @@ def collate_images(examples: list[dict]) -> dict:
     shapes = {tuple(e["image"].shape) for e in readable}
     if len(shapes) > 1:
         raise ValueError(
-            f"images of different sizes {sorted(shapes)} in one batch: with resize mode 'longer_side' set the "
-            "batch size to 1, or use resize mode 'square' or 'center_crop'"
+            f"images of different sizes {sorted(shapes)} in one batch: batch them by shape "
+            "(datamodules.sampling.ShapeBatchSampler with ImageListDataset.resized_shapes, as the datamodules' "
+            "loaders do), set the batch size to 1, or use resize mode 'square' or 'center_crop'"
         )
     batch = default_collate(readable) if readable else {}
     batch["skipped"] = torch.tensor(len(examples) - len(readable))
@@ -237,6 +285,12 @@ class ImageBenchmark(RetrievalDataModule):
     def train_list(self) -> str:
         raise NotImplementedError(f"{type(self).__name__} has no training split")
 
+    def subsets(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Named subsets of published lists, ``{name: (list name, rows)}``, usable wherever a list name is (e.g. a
+        validation split held out from the training list). They read the list's images or stored features and
+        are never extracted on their own."""
+        return {}
+
     # ---- provided ---------------------------------------------------------------------------------------
     @property
     def lists(self) -> dict[str, ImageList]:
@@ -247,7 +301,7 @@ class ImageBenchmark(RetrievalDataModule):
     def setup(self, stage: str | None = None) -> None:
         lists = self.lists  # reads and validates the published lists
         if self.features is None and self.check_files:
-            for name in self._used_lists(stage):
+            for name in dict.fromkeys(self._source_list(n) for n in self._used_lists(stage)):
                 self._check_images_exist(name, lists[name])
 
     def _used_lists(self, stage: str | None) -> list[str]:
@@ -277,8 +331,16 @@ class ImageBenchmark(RetrievalDataModule):
                 + (f"\nExpected layout:\n{self.expected_tree.rstrip()}" if getattr(self, "expected_tree", "") else "")
             )
 
+    def _source_list(self, name: str) -> str:
+        """The published list that ``name`` (a list or a subset) reads."""
+        subset = self.subsets().get(name)
+        return subset[0] if subset is not None else name
+
     def dataset(self, name: str, train: bool = False) -> Dataset:
-        """The images of list ``name``, or its stored descriptors when ``features`` is set."""
+        """The images of list (or subset) ``name``, or its stored descriptors when ``features`` is set."""
+        subset = self.subsets().get(name)
+        if subset is not None:
+            return RowSubset(self.dataset(subset[0], train), subset[1])
         if name not in self.lists:
             raise ValueError(f"{type(self).__name__} has lists {sorted(self.lists)}, not {name!r}")
         images = self.lists[name]
@@ -302,19 +364,24 @@ class ImageBenchmark(RetrievalDataModule):
             name = self.train_list()
         except (NotImplementedError, ValueError):  # no training list: any list's store tells the size
             name = next(iter(self.lists))
-        return FeatureStore(self.features / f"{name}.h5").global_dim
+        return FeatureStore(self.features / f"{self._source_list(name)}.h5").global_dim
 
     def train_dataset(self) -> Dataset:
         return self.dataset(self.train_list(), train=True)
 
     def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
-        eval_sets = []
-        for spec in self.eval_specs(stage):
-            parts = [self.dataset(name) for name in spec.database]
-            database = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-            queries = self.dataset(spec.query) if spec.query else None
-            eval_sets.append(EvalSet(spec.name, database, spec.ground_truth, queries))
-        return eval_sets
+        datasets: dict[str, Dataset] = {}  # one dataset per list, shared by the evaluation sets that use it
+
+        def parts(names: list[str]) -> dict[str, Dataset]:
+            for name in names:
+                if name not in datasets:
+                    datasets[name] = self.dataset(name)
+            return {name: datasets[name] for name in names}
+
+        return [
+            EvalSet(spec.name, parts(spec.database), spec.ground_truth, parts([spec.query]) if spec.query else None)
+            for spec in self.eval_specs(stage)
+        ]
 
     def predict_list_names(self) -> list[str]:
         names = self.predict_lists if self.predict_lists is not None else list(self.lists)
@@ -327,4 +394,4 @@ class ImageBenchmark(RetrievalDataModule):
         return {name: self.dataset(name) for name in self.predict_list_names()}
 
     def collate_fn(self):
-        return collate_images if self.features is None else None
+        return collate_images if self.features is None else collate_embeddings

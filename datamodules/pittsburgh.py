@@ -30,6 +30,7 @@ from datamodules.layout import DatasetFormatError, DatasetLayoutError, require_f
 from retrieval.ground_truth import RadiusGroundTruth
 
 RECALL_KS = (1, 5, 10, 20)
+MAP_KS = (4,)  # the AE-SVC paper reports mAP@4
 MAT_TREE = """\
 <root>/
   datasets/pitts30k_{train,val,test}.mat   (dbStruct)
@@ -103,8 +104,8 @@ def _utm_of(path: Path) -> tuple[float, float]:
         ) from None
 
 
-def pittsburgh_ground_truth(split: PlaceSplit, recall_ks=RECALL_KS) -> RadiusGroundTruth:
-    return RadiusGroundTruth(split.query_utm, split.database_utm, radius=split.radius, recall_ks=recall_ks)
+def pittsburgh_ground_truth(split: PlaceSplit, recall_ks=RECALL_KS, map_ks=MAP_KS) -> RadiusGroundTruth:
+    return RadiusGroundTruth(split.query_utm, split.database_utm, split.radius, recall_ks=recall_ks, map_ks=map_ks)
 
 
 class Pittsburgh30k(ImageBenchmark):
@@ -119,6 +120,7 @@ class Pittsburgh30k(ImageBenchmark):
         layout: ``mat`` (NetVLAD ``dbStruct`` files) or ``folders`` (UTM coordinates in file names).
         radius: the positive distance in metres for the folder layout (the ``.mat`` files carry theirs, 25).
         recall_ks: cut-offs of Recall@N.
+        map_ks: cut-offs of mAP@k (default 4, the AE-SVC paper's metric; over queries with a positive).
         **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
     """
 
@@ -130,12 +132,13 @@ class Pittsburgh30k(ImageBenchmark):
         layout: Literal["mat", "folders"] = "mat",
         radius: float = 25.0,
         recall_ks: tuple[int, ...] = RECALL_KS,
+        map_ks: tuple[int, ...] = MAP_KS,
         **kwargs,
     ):
         super().__init__(root, **kwargs)
         if layout not in ("mat", "folders"):
             raise ValueError(f"Pittsburgh layout must be 'mat' or 'folders', got {layout!r}")
-        self.layout, self.radius, self.recall_ks = layout, radius, tuple(recall_ks)
+        self.layout, self.radius, self.recall_ks, self.map_ks = layout, radius, tuple(recall_ks), tuple(map_ks)
         self.expected_tree = MAT_TREE if layout == "mat" else FOLDER_TREE
         self._splits: dict[str, PlaceSplit] = {}
 
@@ -159,5 +162,5 @@ class Pittsburgh30k(ImageBenchmark):
         return "train_database"
 
     def eval_specs(self, stage) -> list[EvalSpec]:
-        ground_truth = pittsburgh_ground_truth(self.place_split(stage), self.recall_ks)
+        ground_truth = pittsburgh_ground_truth(self.place_split(stage), self.recall_ks, self.map_ks)
         return [EvalSpec("pitts30k", ground_truth, database=[f"{stage}_database"], query=f"{stage}_queries")]

@@ -79,7 +79,9 @@ def read_revisited(root: str | Path, name: str) -> RevisitedDataset:
                 raise DatasetFormatError(f"{path}: gnd[{q}]['{key}'] indexes outside imlist (0..{len(imlist) - 1})")
         box = np.asarray(entry["bbx"], dtype=np.float64).reshape(-1)
         if box.shape != (4,) or not (box[0] < box[2] and box[1] < box[3]):
-            raise DatasetFormatError(f"{path}: gnd[{q}]['bbx'] = {entry['bbx']}; expected [x1, y1, x2, y2], x1 < x2, y1 < y2")
+            raise DatasetFormatError(
+                f"{path}: gnd[{q}]['bbx'] = {entry['bbx']}; expected [x1, y1, x2, y2], x1 < x2, y1 < y2"
+            )
         boxes.append(box)
     return RevisitedDataset(
         name=name,
@@ -101,9 +103,11 @@ class RevisitedOxfordParis(ImageBenchmark):
 
     Lists: ``<name>_query`` (cropped to their boxes), ``<name>_database`` for each dataset, and
     ``revisitop1m`` with distractors, which is appended to every database (extracted once, shared).
-    Each dataset is one evaluation set (``roxford5k`` or ``roxford5k+1m``), used for validation and test;
-    with both datasets, ``<stage>/rop/mAP`` is the AMES paper's ROP: the mean of medium and hard mAP over
-    the two.
+    Each dataset is one evaluation set (``roxford5k`` or ``roxford5k+1m``) of ``test`` only: the benchmark has
+    no training or validation data, so nothing may be selected on it (no validation, no best checkpoint; methods
+    that need validation validate on GLDv2, as AMES does). With both datasets, ``test/rop/mAP`` is the AMES
+    paper's ROP: the mean of medium and hard mAP over the two. The distractor list is one evaluation part shared
+    by both databases, embedded once per evaluation.
 
     The benchmark has no training split: ``train_on`` names the list an unsupervised method fits on, e.g.
     ``revisitop1m`` (the distractors, disjoint from both test sets; read even when ``distractors`` is off)
@@ -134,7 +138,12 @@ class RevisitedOxfordParis(ImageBenchmark):
         unknown = [d for d in datasets if d not in NAMES]
         if unknown or not datasets:
             raise ValueError(f"Revisited datasets are {NAMES}, got {list(datasets)}")
-        self.datasets, self.distractors, self.train_on, self.kappas = tuple(datasets), distractors, train_on, tuple(kappas)
+        self.datasets, self.distractors, self.train_on, self.kappas = (
+            tuple(datasets),
+            distractors,
+            train_on,
+            tuple(kappas),
+        )
 
     def read_lists(self) -> dict[str, ImageList]:
         self.revisited = {name: read_revisited(self.root, name) for name in self.datasets}
@@ -156,6 +165,8 @@ class RevisitedOxfordParis(ImageBenchmark):
         return self.train_on
 
     def eval_specs(self, stage) -> list[EvalSpec]:
+        if stage == "val":  # test data only: see the class docstring
+            return []
         specs = []
         for name in self.datasets:
             self.lists  # noqa: B018 - reads the ground truth

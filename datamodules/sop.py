@@ -8,7 +8,14 @@ Layout (as distributed)::
 
 Real sizes: 59,551 training images of classes 1-11,318 and 60,502 test images of classes 11,319-22,634
 (12 super classes). Protocol: every test image is a query against all the others, itself excluded
-(leave-one-out); Recall@{1, 10, 100, 1000}, and mAP@k.
+(leave-one-out); Recall@{1, 10, 100, 1000}, and mAP@k (mAP@4 is the AE-SVC paper's metric; definition in
+:func:`retrieval.metrics.map_at_k`).
+
+SOP publishes no validation split, and selecting on the test split would be selection on test data, so a
+validation split is held out from the *training classes*: ``val_fraction`` of them (default 10%: 1,132 of
+11,318 classes, about 5,950 images), drawn with ``val_seed``, scored leave-one-out like the test split; training
+uses the other classes. The published lists stay whole (features are extracted per list), the split is a
+subset of ``train``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ EXPECTED_TREE = """\
   bicycle_final/111085122871_0.JPG ...
 """
 RECALL_KS = (1, 10, 100, 1000)
+MAP_KS = (4, 100)
 
 
 @dataclass
@@ -60,19 +68,30 @@ def read_sop_split(root: str | Path, split: str) -> SOPSplit:
     return SOPSplit(paths, np.asarray(classes, dtype=np.int64), np.asarray(super_classes, dtype=np.int64))
 
 
-def sop_ground_truth(split: SOPSplit, recall_ks=RECALL_KS, map_ks=(100,)) -> LabelGroundTruth:
+def sop_ground_truth(class_ids, recall_ks=RECALL_KS, map_ks=MAP_KS) -> LabelGroundTruth:
     """Leave-one-out: same class = relevant, the query itself excluded."""
-    return LabelGroundTruth(split.class_ids, None, recall_ks=recall_ks, map_ks=map_ks)
+    return LabelGroundTruth(class_ids, None, recall_ks=recall_ks, map_ks=map_ks)
+
+
+def held_out_classes(class_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded choice of ``round(fraction * #classes)`` (at least one when ``fraction > 0``) of the distinct
+    ``class_ids`` (sorted)."""
+    classes = np.unique(class_ids)
+    count = max(int(round(fraction * len(classes))), int(fraction > 0))
+    return np.sort(np.random.default_rng(seed).choice(classes, size=count, replace=False))
 
 
 class StanfordOnlineProducts(ImageBenchmark):
     """Stanford Online Products from its published layout (see the module docstring for layout and sizes).
 
-    Lists: ``train`` (``Ebay_train.txt``) and ``test`` (``Ebay_test.txt``), labelled by class. SOP has no
-    validation split; validation evaluates the test split, as the metric-learning literature does.
+    Lists: ``train`` (``Ebay_train.txt``) and ``test`` (``Ebay_test.txt``), labelled by class; subsets of
+    ``train``: ``val`` (the held-out classes) and ``train_without_val`` (what ``fit`` trains on). Validation
+    scores ``val``, test scores ``test``, both leave-one-out.
 
     Args:
         root: the ``Stanford_Online_Products`` directory.
+        val_fraction: fraction of the training classes held out for validation (0: no validation; train on all).
+        val_seed: seed of the held-out classes.
         recall_ks, map_ks: cut-offs of Recall@k and mAP@k.
         **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
     """
@@ -80,18 +99,48 @@ class StanfordOnlineProducts(ImageBenchmark):
     name = "sop"
     expected_tree = EXPECTED_TREE
 
-    def __init__(self, root: str, recall_ks: tuple[int, ...] = RECALL_KS, map_ks: tuple[int, ...] = (100,), **kwargs):
+    def __init__(
+        self,
+        root: str,
+        val_fraction: float = 0.1,
+        val_seed: int = 0,
+        recall_ks: tuple[int, ...] = RECALL_KS,
+        map_ks: tuple[int, ...] = MAP_KS,
+        **kwargs,
+    ):
         super().__init__(root, **kwargs)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction, self.val_seed = val_fraction, val_seed
         self.recall_ks, self.map_ks = tuple(recall_ks), tuple(map_ks)
+        self._subsets: dict[str, tuple[str, np.ndarray]] | None = None
 
     def read_lists(self) -> dict[str, ImageList]:
         self.splits = {split: read_sop_split(self.root, split) for split in ("train", "test")}
         return {split: ImageList(s.paths, labels=s.class_ids) for split, s in self.splits.items()}
 
+    def subsets(self) -> dict[str, tuple[str, np.ndarray]]:
+        if self._subsets is None:
+            classes = self.lists["train"].labels
+            is_val = np.isin(classes, held_out_classes(classes, self.val_fraction, self.val_seed))
+            self._subsets = {
+                "val": ("train", np.flatnonzero(is_val)),
+                "train_without_val": ("train", np.flatnonzero(~is_val)),
+            }
+        return self._subsets
+
     def train_list(self) -> str:
-        return "train"
+        return "train_without_val" if self.val_fraction > 0 else "train"
 
     def eval_specs(self, stage) -> list[EvalSpec]:
+        if stage == "val":
+            if self.val_fraction == 0:
+                return []
+            rows = self.subsets()["val"][1]
+            return [
+                EvalSpec(
+                    "sop", sop_ground_truth(self.lists["train"].labels[rows], self.recall_ks, self.map_ks), ["val"]
+                )
+            ]
         self.lists  # noqa: B018 - reads the splits
-        ground_truth = sop_ground_truth(self.splits["test"], self.recall_ks, self.map_ks)
-        return [EvalSpec("sop", ground_truth, database=["test"])]
+        return [EvalSpec("sop", sop_ground_truth(self.splits["test"].class_ids, self.recall_ks, self.map_ks), ["test"])]

@@ -10,7 +10,14 @@ from retrieval.ground_truth import (
     RadiusGroundTruth,
     RevisitedGroundTruth,
 )
-from retrieval.metrics import map_at_k, positives_from_labels, positives_within_radius, recall_at_k, revisited_map, rop_map
+from retrieval.metrics import (
+    map_at_k,
+    positives_from_labels,
+    positives_within_radius,
+    recall_at_k,
+    revisited_map,
+    rop_map,
+)
 from retrieval.search import knn
 
 __all__ = [

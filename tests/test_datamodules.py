@@ -31,7 +31,9 @@ def test_embedded_benchmark_is_generated_once_and_deterministic(tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
     assert first.embedding_dim == 384
     # Disjoint classes between training, validation and test, as in SOP.
-    labels = {s: set(FeatureStore(tmp_path / "a" / f"{s}.h5").labels.tolist()) for s in ("train", "val_query", "test_query")}
+    labels = {
+        s: set(FeatureStore(tmp_path / "a" / f"{s}.h5").labels.tolist()) for s in ("train", "val_query", "test_query")
+    }
     assert not (labels["train"] & labels["val_query"]) and not (labels["val_query"] & labels["test_query"])
 
 
@@ -47,7 +49,7 @@ def test_eval_sets_expose_queries_database_and_ground_truth(tmp_path):
     data.prepare_data()
     (eval_set,) = data.eval_sets("val")
     assert eval_set.name == "embedded" and len(eval_set.queries) == 50 and len(eval_set.database) == 60
-    assert [role for _, role in data.eval_loader_roles("val")] == ["query", "database"]
+    assert list(data.eval_parts("val")) == ["embedded/query", "embedded/database"]
     example = eval_set.database[3]
     assert example["index"] == 3 and example["embedding"].dtype == torch.float32
     assert len(eval_set.ground_truth.positives[0]) == 6
@@ -66,7 +68,7 @@ def test_leave_one_out_when_no_query_store_is_given(tmp_path):
     data = LabelledFeatureStores(val_database=str(make_store(tmp_path / "db.h5")), name="sop", recall_ks=(1, 100))
     (eval_set,) = data.eval_sets("val")
     assert eval_set.queries is None and eval_set.ground_truth.queries_are_database
-    assert [role for _, role in data.eval_loader_roles("val")] == ["database"]
+    assert list(data.eval_parts("val")) == ["sop/database"]
     assert eval_set.ground_truth.depth == 11  # recall@100 on 11 candidates is scored on the full list
 
 
@@ -86,12 +88,16 @@ def test_store_without_labels_cannot_be_ground_truth(tmp_path):
 
 def test_store_with_nan_is_refused_with_a_count(tmp_path):
     data = LabelledFeatureStores(train=str(make_store(tmp_path / "train.h5", nan_row=5)))
-    with pytest.raises(ValueError, match=r"train.h5 \(global, from row 0\): 1 of 12 rows contain NaN or Inf values \(rows 5\)"):
+    with pytest.raises(
+        ValueError, match=r"train.h5 \(global, from row 0\): 1 of 12 rows contain NaN or Inf values \(rows 5\)"
+    ):
         data.train_dataset()
 
 
 def test_stores_of_different_sizes_are_refused(tmp_path):
-    data = LabelledFeatureStores(train=str(make_store(tmp_path / "a.h5", dim=4)), val_database=str(make_store(tmp_path / "b.h5", dim=5)))
+    data = LabelledFeatureStores(
+        train=str(make_store(tmp_path / "a.h5", dim=4)), val_database=str(make_store(tmp_path / "b.h5", dim=5))
+    )
     with pytest.raises(ValueError, match="feature stores disagree on the descriptor size"):
         data.embedding_dim
 
@@ -109,7 +115,63 @@ class OneProcess:
 
 
 def test_gathering_drops_repeats_sorts_and_refuses_gaps():
-    outputs = [(torch.tensor([2, 0]), torch.tensor([[2.0], [0.0]])), (torch.tensor([1, 0]), torch.tensor([[1.0], [0.0]]))]
+    outputs = [
+        (torch.tensor([2, 0]), torch.tensor([[2.0], [0.0]])),
+        (torch.tensor([1, 0]), torch.tensor([[1.0], [0.0]])),
+    ]
     np.testing.assert_array_equal(gather_by_index(OneProcess(), outputs, 3, "db"), [[0.0], [1.0], [2.0]])
     with pytest.raises(RuntimeError, match="received 3 distinct db embeddings, expected 4"):
         gather_by_index(OneProcess(), outputs, 4, "db")
+
+
+class _GlooTrainer:
+    """The pieces of a trainer that gathering uses, over an initialised gloo process group."""
+
+    def __init__(self, rank: int):
+        import torch.distributed as dist
+
+        self.world_size, self.global_rank, self.is_global_zero = 2, rank, rank == 0
+        self.strategy = self
+
+        def all_gather(tensor):
+            parts = [torch.empty_like(tensor) for _ in range(2)]
+            dist.all_gather(parts, tensor)
+            return torch.stack(parts)
+
+        self.all_gather = all_gather
+        self.root_device = torch.device("cpu")
+
+
+def _gather_in_two_processes(rank, port, chunk_sizes, queue):
+    import os
+
+    import torch.distributed as dist
+
+    import callbacks.retrieval_evaluation as evaluation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # 23 examples sharded as the evaluation loaders shard them (every 2nd, padded by repeating index 0), in
+    # batches of 5: rank 0 holds 12 rows, rank 1 11 + 1 repeat.
+    indices = list(range(rank, 23, 2)) + ([0] if rank == 1 else [])
+    outputs = [
+        (torch.tensor(batch), torch.tensor([[i, -i, 0.5 * i] for i in batch], dtype=torch.float32))
+        for batch in (indices[s : s + 5] for s in range(0, len(indices), 5))
+    ]
+    gathered = {}
+    for rows in chunk_sizes:
+        evaluation.GATHER_CHUNK_ROWS = rows
+        gathered[rows] = evaluation.gather_by_index(_GlooTrainer(rank), outputs, 23, "database")
+    queue.put((rank, gathered))
+    dist.destroy_process_group()
+
+
+def test_gathering_to_rank_zero_in_chunks_across_chunk_boundaries():
+    from conftest import run_in_two_processes
+
+    # Chunks of 4 and 5 rows split both processes' rows (and the batches) at several places; 64 is one chunk.
+    results = run_in_two_processes(_gather_in_two_processes, [4, 5, 64])
+    expected = np.array([[i, -i, 0.5 * i] for i in range(23)], dtype=np.float32)
+    for rows in (4, 5, 64):
+        np.testing.assert_array_equal(results[0][rows], expected)
+        assert results[1][rows].shape == (0, 3)  # only rank 0 scores

@@ -29,7 +29,7 @@ def test_sop_reads_both_lists_and_scores_leave_one_out(tmp_path):
     assert train.class_ids.tolist() == written["train"] and test.class_ids.tolist() == written["test"]
     assert test.class_ids.min() == 5  # test classes follow the training classes, as in SOP
     assert all((tmp_path / p).is_file() for p in test.paths)
-    ground_truth = sop_ground_truth(test, recall_ks=(1, 2, 1000))
+    ground_truth = sop_ground_truth(test.class_ids, recall_ks=(1, 2, 1000))
     # One-hot class embeddings: every query's nearest other images are its own class.
     embeddings = np.eye(8, dtype=np.float32)[test.class_ids]
     metrics = evaluate_embeddings(None, embeddings, ground_truth)
@@ -77,7 +77,13 @@ def test_pittsburgh_recall_counts_queries_without_positives_as_misses(tmp_path):
     database = np.eye(4, dtype=np.float32)
     queries = np.array([[0.1, 0, 0.9, 0], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=np.float32)
     metrics = evaluate_embeddings(queries, database, ground_truth)
-    assert metrics == {"recall@1": pytest.approx(1 / 3), "recall@2": pytest.approx(2 / 3)}
+    # mAP@4 over the queries with a positive: query 0 ranks 2, 0, 1, 3 (AP (1/2 + 2/3) / 2), query 1 ranks 3 first.
+    expected_map = ((1 / 2 + 2 / 3) / 2 + 1) / 2
+    assert metrics == {
+        "recall@1": pytest.approx(1 / 3),
+        "recall@2": pytest.approx(2 / 3),
+        "mAP@4": pytest.approx(expected_map),
+    }
 
 
 def test_pittsburgh_errors(tmp_path):
@@ -91,7 +97,9 @@ def test_pittsburgh_errors(tmp_path):
         read_pittsburgh_mat(tmp_path, "val")
     write_pittsburgh_folders(tmp_path, "val", DATABASE_UTM, QUERY_UTM)
     (tmp_path / "images/val/queries/holiday.jpg").write_bytes(b"")
-    with pytest.raises(DatasetFormatError, match=r"holiday.jpg: file name does not start with '@<utm_east>@<utm_north>@'"):
+    with pytest.raises(
+        DatasetFormatError, match=r"holiday.jpg: file name does not start with '@<utm_east>@<utm_north>@'"
+    ):
         read_pittsburgh_folders(tmp_path, "val")
 
 
@@ -122,18 +130,24 @@ def test_gldv2_query_absent_from_test_list(tmp_path):
     test_csv = tmp_path / "test.csv"
     lines = test_csv.read_text().splitlines()
     test_csv.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # drop the first query
-    with pytest.raises(DatasetFormatError, match=r"retrieval_solution_v2.1.csv:2: query c0+ is not listed in .*test.csv"):
+    with pytest.raises(
+        DatasetFormatError, match=r"retrieval_solution_v2.1.csv:2: query c0+ is not listed in .*test.csv"
+    ):
         read_gldv2_retrieval(tmp_path)
 
 
 def test_gldv2_empty_solution_row(tmp_path):
     write_gldv2(tmp_path, {7: 3}, [("Public", [0]), ("Private", [])], num_index=3)
-    with pytest.raises(DatasetFormatError, match=r":3: Private query c0+1 has no index images; only Ignored rows may be empty"):
+    with pytest.raises(
+        DatasetFormatError, match=r":3: Private query c0+1 has no index images; only Ignored rows may be empty"
+    ):
         read_gldv2_retrieval(tmp_path)
 
 
 def test_gldv2_missing_file_and_bad_header(tmp_path):
-    with pytest.raises(DatasetLayoutError, match=r"(?s)index.csv not found. Expected layout:.*retrieval_solution_v2.1.csv"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"(?s)index.csv not found. Expected layout:.*retrieval_solution_v2.1.csv"
+    ):
         read_gldv2_retrieval(tmp_path)
     write_gldv2(tmp_path, {7: 3}, SOLUTION, num_index=6)
     (tmp_path / "index.csv").write_text("image,url\nb0,x\n")
@@ -145,10 +159,14 @@ def test_gldv2_training_selection(tmp_path):
     write_gldv2(tmp_path, {1: 2, 2: 12, 3: 15, 4: 11}, SOLUTION, num_index=6)
     everything = read_gldv2_train(tmp_path, clean=False)
     assert len(everything.ids) == 40 and sorted(set(everything.landmark_ids.tolist())) == [1, 2, 3, 4]
-    selected = read_gldv2_train(tmp_path, clean=True, min_images_per_class=11, max_images_per_class=12, num_classes=2, seed=3)
+    selected = read_gldv2_train(
+        tmp_path, clean=True, min_images_per_class=11, max_images_per_class=12, num_classes=2, seed=3
+    )
     counts = dict(zip(*np.unique(selected.landmark_ids, return_counts=True)))
     assert len(counts) == 2 and 1 not in counts and all(c <= 12 for c in counts.values())
-    again = read_gldv2_train(tmp_path, clean=True, min_images_per_class=11, max_images_per_class=12, num_classes=2, seed=3)
+    again = read_gldv2_train(
+        tmp_path, clean=True, min_images_per_class=11, max_images_per_class=12, num_classes=2, seed=3
+    )
     assert again.ids == selected.ids, "the selection is deterministic for a seed"
 
 
