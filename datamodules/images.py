@@ -19,7 +19,8 @@ such images from their batch, warns with the file name, and counts them in the b
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -114,19 +115,25 @@ class ImageTransform:
         return pixels.float().div_(255), to_original
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB; one that cannot be decoded completely raises :class:`DatasetFormatError`
-    naming it."""
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)`` (the header only, until pixels are asked for); a missing file, or one that cannot
+    be decoded within the block, raises :class:`DatasetLayoutError` / :class:`DatasetFormatError` naming it."""
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")  # decodes fully: a truncated file fails here
+            yield opened
     except FileNotFoundError:
         raise DatasetLayoutError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DatasetFormatError(
             f"{path}: cannot be decoded as an image ({error}); expected a complete JPEG/PNG file"
         ) from error
-    return image
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB, completely (a truncated file fails here, naming it)."""
+    with open_image(path) as opened:
+        return opened.convert("RGB")
 
 
 class ImageListDataset(Dataset):
@@ -176,16 +183,8 @@ class ImageListDataset(Dataset):
         image_id = self.images.paths[index]
         if self.source is not None:
             return self.source.open(image_id).size
-        path = self.root / image_id
-        try:
-            with Image.open(path) as opened:  # reads the header only
-                return opened.size
-        except FileNotFoundError:
-            raise DatasetLayoutError(f"{path}: image file not found") from None
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DatasetFormatError(
-                f"{path}: cannot be read as an image ({error}); expected a JPEG/PNG file"
-            ) from error
+        with open_image(self.root / image_id) as opened:  # reads the header only
+            return opened.size
 
     def resized_shapes(self, indices: Sequence[int]) -> list[tuple[int, int]] | None:
         """``(height, width)`` of each transformed image, or ``None`` when the transform gives every image the
