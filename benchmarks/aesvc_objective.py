@@ -80,7 +80,7 @@ def objective_on_batches(model, loss_of, x: torch.Tensor, batch_size: int, seed:
     for batch in batches:
         if len(batch) < batch_size:  # training drops the incomplete last batch
             continue
-        x_in = loss_of.prepare_input(batch)
+        x_in = loss_of.input_embeddings({"embedding": batch})
         z = model.encode(x_in)
         terms = loss_of.objective_terms(x_in, z, model.decode(model.hparams.latent_dim, z))
         for name, value in terms.items():
@@ -94,7 +94,7 @@ def population_covariance(model, loss_of, x: torch.Tensor) -> float:
     """The covariance term on the whole set at once (no batch noise), in ``loss_of``'s normalisation."""
     from lightning_modules.nn import variance_constraint_losses
 
-    z = model.encode(loss_of.prepare_input(x)).double()
+    z = model.encode(loss_of.input_embeddings({"embedding": x})).double()
     hp = loss_of.hparams
     return float(variance_constraint_losses(z, hp.covariance_target, hp.covariance_reduction)["covariance"])
 
@@ -102,7 +102,7 @@ def population_covariance(model, loss_of, x: torch.Tensor) -> float:
 @torch.no_grad()
 def variance_shares(model, loss_of, x: torch.Tensor, bases: dict[str, torch.Tensor]) -> dict[str, float]:
     """Share of the latent's variance that a linear map of the data's coordinates in each basis explains (R^2)."""
-    z = model.encode(loss_of.prepare_input(x)).double()
+    z = model.encode(loss_of.input_embeddings({"embedding": x})).double()
     z = z - z.mean(0)
     shares = {}
     for name, basis in bases.items():
@@ -127,7 +127,7 @@ def train_on_objective(model, x: torch.Tensor, batch_size: int, epochs: int, see
         for epoch in range(epochs):
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
             for step in range(len(x) // batch_size):
-                batch = model.prepare_input(x[order[step * batch_size : (step + 1) * batch_size]])
+                batch = model.input_embeddings({"embedding": x[order[step * batch_size : (step + 1) * batch_size]]})
                 z = model.encode(batch)
                 loss = model.objective_terms(batch, z, model.decode(hp.latent_dim, z))["objective"]
                 optimizer.zero_grad()

@@ -184,10 +184,6 @@ class AESVC(RetrievalModule):
         terms = self.objective_terms(x, z_global, reconstruction)
         return terms.pop("objective"), terms, z_global
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The stored embeddings as the encoder sees them."""
-        return self.input_embeddings({"embedding": x})
-
     def objective_terms(
         self, x: torch.Tensor, z: torch.Tensor, reconstruction: torch.Tensor
     ) -> dict[str, torch.Tensor]:
