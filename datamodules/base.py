@@ -22,6 +22,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import (
@@ -246,7 +247,13 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def eval_dataloaders(self, stage: EvalStage) -> list[DataLoader]:
         """One sharded loader per evaluation part, in :meth:`eval_parts` order."""
-        return [self.sharded_dataloader(dataset) for dataset in self.eval_parts(stage).values()]
+        parts = self.eval_parts(stage)
+        if not parts and stage == "val":
+            rank_zero_info(
+                f"{type(self).__name__} has no validation sets (e.g. a test-only benchmark such as Revisited "
+                "Oxford/Paris): nothing is validated or selected on it; `test` scores its test sets"
+            )
+        return [self.sharded_dataloader(dataset) for dataset in parts.values()]
 
     def _distribution(self) -> tuple[int, int]:
         trainer = self.trainer
