@@ -138,8 +138,9 @@ class FeatureStore:
     def has_local(self) -> bool:
         return self.local_shape is not None
 
-    def global_descriptors(self, memory_map: bool = True) -> np.ndarray:
-        """``[N, D]`` global descriptors (stored dtype), memory-mapped when the file allows it.
+    def global_descriptors(self, memory_map: bool = True) -> np.ndarray | RowBlocks:
+        """``[N, D]`` global descriptors (stored dtype), memory-mapped when the file allows it (a joined store:
+        its shards memory-mapped, as :class:`RowBlocks`; ``memory_map=False`` reads an array).
 
         Rows with NaN or Inf are refused with a count, naming the file.
         """
@@ -147,7 +148,11 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.path} holds no global descriptors; expected {EXPECTED_LAYOUT}")
         with h5py.File(self.path, "r") as f:
             dataset = f["global"]
-            # A joined (virtual) store has no offset: HDF5 reads it from each shard in turn.
+            if dataset.is_virtual and memory_map:
+                # A joined store: each shard memory-mapped (and checked) on its own, in row order, so 1M joined
+                # rows are not read into memory by every process that opens them.
+                sources = sorted(dataset.virtual_sources(), key=lambda s: s.vspace.get_select_bounds()[0][0])
+                return RowBlocks([FeatureStore(self.path.parent / s.file_name).global_descriptors() for s in sources])
             offset = None if dataset.is_virtual else dataset.id.get_offset()
             mappable = memory_map and offset is not None and dataset.chunks is None and dataset.compression is None
             if mappable:
@@ -344,6 +349,41 @@ def finalize_partial(path: str | os.PathLike) -> Path:
         del f["written"]
     os.replace(partial, path)
     return path
+
+
+class RowBlocks:
+    """Consecutive ``[n_i, D]`` arrays (e.g. memory-mapped shards) read as one ``[N, D]`` array: indexing by an
+    integer, a slice or an index array returns numpy rows, ``np.asarray`` the whole."""
+
+    def __init__(self, blocks: Sequence[np.ndarray]):
+        self.blocks = list(blocks)
+        self.starts = np.cumsum([0] + [len(block) for block in self.blocks])
+        self.shape = (int(self.starts[-1]), *self.blocks[0].shape[1:])
+        self.dtype = self.blocks[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate(self.blocks)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            row = int(rows) + (len(self) if rows < 0 else 0)
+            block = int(np.searchsorted(self.starts, row, side="right")) - 1
+            return self.blocks[block][row - self.starts[block]]
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} rows")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        block_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for block in np.unique(block_of):
+            chosen = block_of == block
+            out[chosen] = self.blocks[block][rows[chosen] - self.starts[block]]
+        return out
 
 
 def write_virtual_store(

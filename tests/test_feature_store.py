@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from datamodules.feature_store import EmbeddingDataset
 from retrieval.feature_store import (
     FeatureStore,
     FeatureStoreError,
@@ -254,8 +255,17 @@ def test_joined_shards_read_like_one_store_without_copying(tmp_path, descriptors
     assert store.ids == whole.ids and store.config == whole.config and store.num_images == 50
     assert [p.name for p in store.sources] == [f"list.rank{r}of3.h5" for r in range(3)]
     np.testing.assert_array_equal(store.labels, whole.labels)
-    assert store.global_descriptors().tobytes() == whole.global_descriptors().tobytes()
+    assert np.asarray(store.global_descriptors()).tobytes() == whole.global_descriptors().tobytes()
     rows = [49, 0, 17, 16, 33, 34, 17]  # across shard boundaries, repeated, any order
+    # The joined global descriptors stay on disk: each shard memory-mapped, rows read across them.
+    joined_global, whole_global = store.global_descriptors(), whole.global_descriptors()
+    assert all(isinstance(block, np.memmap) for block in joined_global.blocks) and len(joined_global) == 50
+    np.testing.assert_array_equal(joined_global[rows], whole_global[rows])
+    np.testing.assert_array_equal(joined_global[10:40], whole_global[10:40])
+    np.testing.assert_array_equal(joined_global[34], whole_global[34])
+    np.testing.assert_array_equal(joined_global[-1], whole_global[49])
+    batch = EmbeddingDataset(joined_global).__getitems__(rows)
+    np.testing.assert_array_equal(batch.embedding.numpy(), whole_global[rows].astype(np.float32))
     assert store.local_descriptors(rows).tobytes() == whole.local_descriptors(rows).tobytes()
     assert store.local_descriptors(slice(10, 40)).tobytes() == whole.local_descriptors(slice(10, 40)).tobytes()
     # A missing shard is an error naming it, not rows of zeros.
