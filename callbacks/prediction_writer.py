@@ -21,17 +21,16 @@ are written to ``<output_dir>/<name>.h5`` (layout: :mod:`retrieval.feature_store
   then is an error.
 * **Neighbours**: with ``neighbours=m``, rank 0 also writes, per evaluation set of the datamodule whose
   lists are all stored, the global top-``m`` database neighbours of every query
-  (``<output_dir>/<eval set>_neighbours.h5``: ``scores`` and ``indices`` ``[num_queries, m]``), the
-  shortlist a re-ranker such as AMES starts from.
+  (``<output_dir>/<eval set>_neighbours.h5``: ``scores`` and ``indices`` ``[num_queries, m]`` with the
+  stores' ``query_ids`` and ``database_ids``; layout: :mod:`retrieval.neighbours`), the shortlist a re-ranker
+  such as AMES starts from.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import h5py
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -48,8 +47,7 @@ from retrieval.feature_store import (
     partial_missing_rows,
     write_virtual_store,
 )
-from retrieval.files import replace_atomically
-from retrieval.search import knn
+from retrieval.neighbours import build_neighbours, describe_neighbours, write_neighbours
 
 SHARD_DIR = ".shards"
 
@@ -192,17 +190,25 @@ class PredictionWriter(pl.Callback):
             paths = {name: self._dir / f"{name}.h5" for name in spec.lists}
             if not all(p.is_file() for p in paths.values()):
                 continue
-            database = np.concatenate([FeatureStore(paths[n]).global_descriptors() for n in spec.database])
-            queries = FeatureStore(paths[spec.query]).global_descriptors() if spec.query else database
-            scores, indices = knn(queries, database, self.neighbours, exclude_self=spec.query is None)
-            path = self._dir / f"{spec.name}_neighbours.h5"
-            with replace_atomically(path) as partial:
-                with h5py.File(partial, "w") as f:
-                    f.create_dataset("scores", data=scores.astype(np.float32))
-                    f.create_dataset("indices", data=indices.astype(np.int64))
-                    f.attrs["query"] = spec.query or ""
-                    f.attrs["database"] = json.dumps(list(spec.database))
-            written.append(path)
+            stores = {name: FeatureStore(path) for name, path in paths.items()}
+            database = [stores[name] for name in spec.database]
+            leave_one_out = spec.query is None
+            queries = database if leave_one_out else stores[spec.query]
+            scores, indices = build_neighbours(queries, database, self.neighbours, exclude_self=leave_one_out)
+            # The stores' ids go into the file, so a reader can check it against the stores it is used with.
+            database_ids = [i for store in database for i in store.ids]
+            written.append(
+                write_neighbours(
+                    self._dir / f"{spec.name}_neighbours.h5",
+                    scores,
+                    indices,
+                    query_ids=database_ids if leave_one_out else queries.ids,
+                    database_ids=database_ids,
+                    query=spec.query or "",
+                    database=list(spec.database),
+                    exclude_self=leave_one_out,
+                )
+            )
         return written
 
 
@@ -234,8 +240,7 @@ def _describe(item) -> str:
         if item.sources:
             parts.append(f"joined from {len(item.sources)} shards in {SHARD_DIR}/")
         return f"{item.path} ({', '.join(parts)})"
-    with h5py.File(item, "r") as f:
-        return f"{item} (top-{f['indices'].shape[1]} neighbours of {f['indices'].shape[0]} queries)"
+    return describe_neighbours(item)
 
 
 def _ids(dataset) -> list[str]:

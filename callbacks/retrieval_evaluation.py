@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.reranking_stage import rerank_eval_sets
 from datamodules.base import RetrievalDataModule
 from lightning_modules.base import method_name
+from lightning_modules.reranking import PairReranker
 from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, record_fit_result
 from reporting.metrics_record import (
     METHOD_KEY,
@@ -99,6 +101,7 @@ class RetrievalEvaluation(pl.Callback):
             self.progress,
             self.cosine_variance,
             pl_module.size_views(),
+            reranker=pl_module if isinstance(pl_module, PairReranker) else None,
         )
         for key, value in metrics.items():
             # Values are identical on all processes; sync_dist only keeps Lightning's epoch logging consistent.
@@ -255,6 +258,7 @@ def score_eval_sets(
     progress: bool = False,
     cosine_variance: bool = False,
     size_views: dict[int, slice] | None = None,
+    reranker=None,
 ) -> dict[str, float]:
     """Metrics of every evaluation set of ``stage`` from per-dataloader ``[(index, embeddings), ...]``.
 
@@ -262,7 +266,10 @@ def score_eval_sets(
     call this (it gathers); rank 0 scores and shares the result. ``cosine_variance`` adds ``cos_var``, the
     variance of the cosine similarity of random database pairs (ideal ``1/dim``). With ``size_views``
     (:meth:`RetrievalModule.size_views`) every size is scored from the same gathered embeddings and logged as
-    ``<stage>/<set>/<metric>@d<size>``; the unsuffixed keys repeat the largest size.
+    ``<stage>/<set>/<metric>@d<size>``; the unsuffixed keys repeat the largest size. With a ``reranker``
+    (:class:`~lightning_modules.reranking.PairReranker`) the global ranking's shortlists are re-ranked
+    (:mod:`callbacks.reranking_stage`): the plain keys are the re-ranked ranking's, ``<stage>/<set>/global/...``
+    the global one's.
     """
     # Each part once, even when several evaluation sets share it (e.g. the 1M distractors of Oxford and Paris).
     gathered = {
@@ -272,6 +279,11 @@ def score_eval_sets(
     metrics: dict[str, float] = {}
     # Search where the evaluation runs: on its GPU when it has one (same rankings as the CPU path).
     device = trainer.strategy.root_device if trainer.strategy.root_device.type != "cpu" else None
+    if reranker is not None:
+        metrics = rerank_eval_sets(trainer, reranker, datamodule.eval_sets(stage), stage, gathered, device)
+        if trainer.is_global_zero:
+            metrics.update(datamodule.summary_metrics(stage, metrics))
+        return trainer.strategy.broadcast(metrics, src=0)
     if trainer.is_global_zero:
         for eval_set in datamodule.eval_sets(stage):
             name = eval_set.name

@@ -114,6 +114,14 @@ class RowSubset(Dataset):
         return None if shapes is None else shapes([int(self.rows[i]) for i in indices])
 
     @property
+    def num_stored_locals(self) -> int | None:
+        return getattr(self.dataset, "num_stored_locals", None)
+
+    def local_descriptors(self, indices: Sequence[int], count: int | None = None):
+        """The local descriptors of the subset's examples ``indices`` (see ``EmbeddingDataset.local_descriptors``)."""
+        return self.dataset.local_descriptors(self.rows[np.asarray(indices, dtype=np.int64)], count)
+
+    @property
     def ids(self) -> list[str] | None:
         ids = getattr(self.dataset, "ids", None)
         return None if ids is None else [ids[row] for row in self.rows]
@@ -201,17 +209,44 @@ class RetrievalDataModule(pl.LightningDataModule):
         return parts
 
     def train_dataloader(self) -> DataLoader:
+        """Global batches of training examples, or - with :attr:`triplet_mining` set (the pair re-rankers) - of
+        mined triplets, ``batch_size`` triplets each (see :mod:`datamodules.triplets`)."""
         dataset = self.train_dataset()
         rank, world_size = self._distribution()
         seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        batches = GlobalBatchSampler(EpochPermutation(len(dataset), seed=seed), self.batch_size, rank, world_size)
+        collate_fn = self.collate_fn()
+        if self.triplet_mining is not None:
+            from datamodules.triplets import TripletDataset, collate_triplets, mined_triplets
+
+            trainer = self.trainer
+            sampler = mined_triplets(
+                dataset,
+                self.triplet_mining,
+                self.train_store_path(),
+                seed,
+                is_builder=rank == 0,
+                barrier=trainer.strategy.barrier if trainer is not None else (lambda: None),
+            )
+            rank_zero_info(f"triplet mining: {sampler.summary}")
+            dataset, collate_fn = TripletDataset(dataset), collate_triplets
+        else:
+            sampler = EpochPermutation(len(dataset), seed=seed)
+        batches = GlobalBatchSampler(sampler, self.batch_size, rank, world_size)
         return ResumableDataLoader(
             dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn(),
+            collate_fn=collate_fn,
         )
+
+    #: How training triplets are mined (:class:`datamodules.triplets.TripletMining`); ``None``: the training
+    #: set's examples in shuffled global batches. Set by datamodules over feature stores with local descriptors.
+    triplet_mining = None
+
+    def train_store_path(self) -> str:
+        """The feature store of the training split (where its triplet neighbour file is kept by default)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train from a feature store")
 
     def val_dataloader(self) -> list[DataLoader]:
         return self.eval_dataloaders("val")

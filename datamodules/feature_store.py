@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule
-from retrieval.feature_store import FeatureStore
+from datamodules.triplets import TripletMining
+from retrieval.feature_store import EXPECTED_LAYOUT, LOCAL_COLUMNS, FeatureStore
 from retrieval.ground_truth import LabelGroundTruth
 
 
@@ -20,16 +21,54 @@ class EmbeddingDataset(Dataset):
     A DataLoader with a batch size reads each batch with one indexed read (:meth:`__getitems__`), not one
     read per row; with :func:`collate_embeddings` as its ``collate_fn`` the batch is not even split into
     examples and stacked again.
+
+    With ``local_store`` (the feature store holding the rows' local descriptors), :meth:`local_descriptors`
+    reads the first ``L`` stored locals of any rows (they are sorted by weight, so these are the strongest) for
+    re-ranking; with ``locals_per_example`` set, every example also carries ``"local"``: its first
+    ``locals_per_example`` rows, ``[L, 5 + D]`` (columns as in the store).
     """
 
-    def __init__(self, embeddings: np.ndarray, ids: list[str] | None = None, labels: np.ndarray | None = None):
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        ids: list[str] | None = None,
+        labels: np.ndarray | None = None,
+        local_store: FeatureStore | None = None,
+        locals_per_example: int | None = None,
+    ):
         self.embeddings = embeddings
         self.ids = ids
         self.labels = labels
+        if local_store is not None and not local_store.has_local:
+            raise ValueError(f"{local_store.path} holds no local descriptors, needed here; expected {EXPECTED_LAYOUT}")
+        if locals_per_example is not None and local_store is None:
+            raise ValueError("locals_per_example needs the store of the local descriptors (local_store)")
+        self.local_store = local_store
+        self.locals_per_example = locals_per_example
 
     @classmethod
-    def from_store(cls, store: FeatureStore) -> EmbeddingDataset:
-        return cls(store.global_descriptors(), store.ids, store.labels)
+    def from_store(cls, store: FeatureStore, with_locals: bool = False, locals_per_example: int | None = None):
+        """The store's global descriptors; ``with_locals`` also gives access to its local descriptors."""
+        local_store = store if with_locals or locals_per_example is not None else None
+        return cls(store.global_descriptors(), store.ids, store.labels, local_store, locals_per_example)
+
+    @property
+    def num_stored_locals(self) -> int | None:
+        return None if self.local_store is None else self.local_store.local_shape[0]
+
+    def local_descriptors(self, rows: Sequence[int], count: int | None = None) -> np.ndarray:
+        """``float32 [len(rows), count, 5 + D]``: the first ``count`` stored locals of ``rows`` (all when
+        ``None``; a count above the stored number is refused rather than silently cut)."""
+        if self.local_store is None:
+            raise ValueError(
+                "these examples carry no local descriptors: the datamodule was built without them (a re-ranker "
+                "needs feature stores with 'local' descriptors)"
+            )
+        stored = self.num_stored_locals
+        if count is not None and count > stored:
+            raise ValueError(f"{count} local descriptors per image asked, {self.local_store.path} stores {stored}")
+        values = self.local_store.local_descriptors(rows)
+        return np.asarray(values[:, : stored if count is None else count], dtype=np.float32)
 
     @property
     def dim(self) -> int:
@@ -40,7 +79,10 @@ class EmbeddingDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         # A copy: rows of a read-only memory map must not be handed out as writable tensors.
-        return {"index": index, "embedding": torch.tensor(self.embeddings[index], dtype=torch.float32)}
+        example = {"index": index, "embedding": torch.tensor(self.embeddings[index], dtype=torch.float32)}
+        if self.locals_per_example is not None:
+            example["local"] = torch.from_numpy(self.local_descriptors([index], self.locals_per_example)[0])
+        return example
 
     def __getitems__(self, indices: Sequence[int]) -> EmbeddingRows:
         """The examples of a batch, read with one indexed read (PyTorch's DataLoader calls this when present).
@@ -53,28 +95,40 @@ class EmbeddingDataset(Dataset):
         # Fancy indexing copies, so the tensors own writable memory, as in __getitem__. numpy reorders: torch's
         # multi-threaded indexing of a small batch is slower on busy cores.
         rows = np.asarray(self.embeddings[unique], dtype=np.float32)[inverse]
-        return EmbeddingRows(torch.from_numpy(indices), torch.from_numpy(rows))
+        local = None
+        if self.locals_per_example is not None:
+            local = torch.from_numpy(self.local_descriptors(unique, self.locals_per_example)[inverse])
+        return EmbeddingRows(torch.from_numpy(indices), torch.from_numpy(rows), local)
 
 
 class EmbeddingRows(Sequence):
     """A batch read at once that still behaves as the list of its examples (so the default collation, which
     indexes and stacks them, gives the same batch); :func:`collate_embeddings` takes the batch as it is."""
 
-    def __init__(self, index: torch.Tensor, embedding: torch.Tensor):
-        self.index, self.embedding = index, embedding
+    def __init__(self, index: torch.Tensor, embedding: torch.Tensor, local: torch.Tensor | None = None):
+        self.index, self.embedding, self.local = index, embedding, local
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor | int]:
-        return {"index": int(self.index[position]), "embedding": self.embedding[position]}
+        example = {"index": int(self.index[position]), "embedding": self.embedding[position]}
+        if self.local is not None:
+            example["local"] = self.local[position]
+        return example
+
+    def as_batch(self) -> dict[str, torch.Tensor]:
+        batch = {"index": self.index, "embedding": self.embedding}
+        if self.local is not None:
+            batch["local"] = self.local
+        return batch
 
 
 def collate_embeddings(examples) -> dict[str, torch.Tensor]:
     """Collation for :class:`EmbeddingDataset` loaders: a batch read at once as it is, anything else (e.g. a
     ``ConcatDataset`` of stores, read example by example) by PyTorch's default collation."""
-    if isinstance(examples, EmbeddingRows):
-        return {"index": examples.index, "embedding": examples.embedding}
+    if hasattr(examples, "as_batch"):
+        return examples.as_batch()
     return default_collate(examples)
 
 
@@ -89,6 +143,11 @@ class LabelledFeatureStores(RetrievalDataModule):
         name: benchmark name in metric keys.
         recall_ks, map_ks: cut-offs of Recall@k and mAP@k.
         predict_split: which store ``predict`` embeds (``train``, ``val_query``, ..., ``test_database``).
+        local_descriptors: give the evaluation sets access to the stores' local descriptors (for re-ranking).
+        train_locals: training examples carry their first ``train_locals`` stored local descriptors
+            (``None``: none, or all stored ones when training on triplets).
+        triplet_mining: train on mined triplets (:class:`datamodules.triplets.TripletMining`), ``batch_size``
+            triplets per global batch; ``None``: on the training embeddings.
     """
 
     def __init__(
@@ -106,9 +165,15 @@ class LabelledFeatureStores(RetrievalDataModule):
         num_workers: int = 0,
         shuffle_seed: int | None = None,
         predict_split: str = "test_database",
+        local_descriptors: bool = False,
+        train_locals: int | None = None,
+        triplet_mining: TripletMining | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self.predict_split = predict_split
+        self.local_descriptors = local_descriptors
+        self.train_locals = train_locals
+        self.triplet_mining = triplet_mining
         self.paths = {
             "train": train,
             "val_database": val_database,
@@ -128,6 +193,14 @@ class LabelledFeatureStores(RetrievalDataModule):
             raise ValueError(f"feature stores disagree on the descriptor size: {dims}")
         return next(iter(dims.values()))
 
+    @property
+    def local_dim(self) -> int | None:
+        """Size of the stored local descriptors (``None`` when no store holds any)."""
+        for path in self.paths.values():
+            if path is not None and FeatureStore(path).has_local:
+                return FeatureStore(path).local_shape[1] - len(LOCAL_COLUMNS)
+        return None
+
     def _store(self, split: str) -> FeatureStore:
         path = self.paths[split]
         if path is None:
@@ -135,7 +208,11 @@ class LabelledFeatureStores(RetrievalDataModule):
         return FeatureStore(path)
 
     def train_dataset(self) -> EmbeddingDataset:
-        return EmbeddingDataset.from_store(self._store("train"))
+        store = self._store("train")
+        return EmbeddingDataset.from_store(store, locals_per_example=training_locals(self, store))
+
+    def train_store_path(self) -> str:
+        return str(self._store("train").path)
 
     def collate_fn(self):
         return collate_embeddings  # batches read with one indexed read stay one batch
@@ -160,8 +237,20 @@ class LabelledFeatureStores(RetrievalDataModule):
         return [
             EvalSet(
                 name=self.name,
-                database=EmbeddingDataset.from_store(database),
-                queries=EmbeddingDataset.from_store(queries) if queries is not None else None,
+                database=EmbeddingDataset.from_store(database, self.local_descriptors),
+                queries=EmbeddingDataset.from_store(queries, self.local_descriptors) if queries is not None else None,
                 ground_truth=ground_truth,
             )
         ]
+
+
+def training_locals(datamodule, store: FeatureStore) -> int | None:
+    """How many local descriptors each training example of ``store`` carries: the datamodule's
+    ``train_locals``, or every stored one when it trains on triplets and sets none."""
+    if datamodule.train_locals is not None:
+        return datamodule.train_locals
+    if datamodule.triplet_mining is not None:
+        if not store.has_local:
+            raise ValueError(f"{store.path}: triplet training needs local descriptors; expected {EXPECTED_LAYOUT}")
+        return store.local_shape[0]
+    return None

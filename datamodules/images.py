@@ -31,10 +31,11 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule, RowSubset
-from datamodules.feature_store import EmbeddingDataset, collate_embeddings
+from datamodules.feature_store import EmbeddingDataset, collate_embeddings, training_locals
 from datamodules.hf_images import HFImageSource
 from datamodules.layout import DatasetFormatError, DatasetLayoutError
-from retrieval.feature_store import FeatureStore
+from datamodules.triplets import TripletMining
+from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore
 from retrieval.ground_truth import GroundTruth
 
 ResizeMode = Literal["longer_side", "square", "center_crop"]
@@ -245,6 +246,8 @@ class ImageBenchmark(RetrievalDataModule):
         skip_unreadable_train: drop (and count) unreadable training images instead of stopping.
         check_files: check on ``setup`` that every listed image file exists (one ``stat`` per image).
         predict_lists: which lists ``predict`` runs over (default: all of them).
+        local_descriptors, train_locals, triplet_mining: with ``features``, the stores' local descriptors for
+            re-ranking and triplet training (see :class:`~datamodules.feature_store.LabelledFeatureStores`).
     """
 
     def __init__(
@@ -262,8 +265,18 @@ class ImageBenchmark(RetrievalDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        local_descriptors: bool = False,
+        train_locals: int | None = None,
+        triplet_mining: TripletMining | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        if features is None and (local_descriptors or train_locals is not None or triplet_mining is not None):
+            raise ValueError(
+                f"{type(self).__name__}: local descriptors and triplet mining read feature stores; set features"
+            )
+        self.local_descriptors = local_descriptors
+        self.train_locals = train_locals
+        self.triplet_mining = triplet_mining
         self.root = Path(root)
         self.features = Path(features) if features is not None else None
         self.hf_images = HFImageSource(**hf_images) if hf_images else None
@@ -352,7 +365,11 @@ class ImageBenchmark(RetrievalDataModule):
                 f"{store.path}: its {store.num_images} image ids do not match the {len(images)} images of list "
                 f"'{name}' under {self.root}; extract it again from these lists"
             )
-        return EmbeddingDataset(store.global_descriptors(), images.paths, images.labels)
+        locals_per_example = training_locals(self, store) if train else None
+        local_store = store if self.local_descriptors or locals_per_example is not None else None
+        return EmbeddingDataset(
+            store.global_descriptors(), images.paths, images.labels, local_store, locals_per_example
+        )
 
     @property
     def embedding_dim(self) -> int | None:
@@ -365,8 +382,27 @@ class ImageBenchmark(RetrievalDataModule):
             name = next(iter(self.lists))
         return FeatureStore(self.features / f"{self._source_list(name)}.h5").global_dim
 
+    @property
+    def local_dim(self) -> int | None:
+        """Size of the stored local descriptors (``None`` when reading images or stores without locals)."""
+        if self.features is None:
+            return None
+        for name in self.lists:
+            path = self.features / f"{name}.h5"
+            if path.is_file() and FeatureStore(path).has_local:
+                return FeatureStore(path).local_shape[1] - len(LOCAL_COLUMNS)
+        return None
+
     def train_dataset(self) -> Dataset:
         return self.dataset(self.train_list(), train=True)
+
+    def train_store_path(self) -> str:
+        if self.features is None:
+            raise ValueError(f"{type(self).__name__}: triplet training reads feature stores; set features")
+        name = self.train_list()
+        store = self.features / f"{self._source_list(name)}.h5"
+        # A subset of a list (e.g. training without its validation rows) keeps its own neighbour file.
+        return str(store if name == self._source_list(name) else self.features / f"{name}.h5")
 
     def build_eval_sets(self, stage: EvalStage) -> list[EvalSet]:
         datasets: dict[str, Dataset] = {}  # one dataset per list, shared by the evaluation sets that use it

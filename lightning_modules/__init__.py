@@ -1,14 +1,17 @@
 """One LightningModule per method; ``cli.py`` is the entry point."""
 
 from lightning_modules.aesvc import AESVC, AESVCPerSize, MatryoshkaAESVC
+from lightning_modules.ames import AMES
 from lightning_modules.base import ClosedFormModule, RetrievalModule
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.projections import PCAProjection, RawEmbedding
+from lightning_modules.rrt import RRT
 from lightning_modules.ss2d import SS2D, SSD
 from lightning_modules.vae import VAEPerSize
 
 __all__ = [
     "AESVC",
+    "AMES",
     "AESVCPerSize",
     "ClosedFormModule",
     "FeatureExtractor",
@@ -16,6 +19,7 @@ __all__ = [
     "PCAProjection",
     "RawEmbedding",
     "RetrievalModule",
+    "RRT",
     "SS2D",
     "SSD",
     "VAEPerSize",

@@ -1,16 +1,23 @@
-"""Feature stores: exact round trips, atomic and resumable writing, clear errors on bad files."""
+"""Feature stores: exact round trips, atomic and resumable writing, clear errors on bad files, compressed
+stores."""
 
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from datamodules.feature_store import EmbeddingDataset
+from retrieval.compression import ProductQuantizer, binary_codes, bytes_per_image, itq_projection, unpack_bits
 from retrieval.feature_store import (
     FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
+    QuantizedRows,
+    compress_feature_store,
+    write_compressed_store,
     write_feature_store,
     write_virtual_store,
 )
@@ -301,3 +308,227 @@ def test_a_process_forked_while_writing_does_not_block_finishing(tmp_path, descr
         worker.terminate()
         worker.join()
     assert FeatureStore(path).global_descriptors().tobytes() == global_descriptors.tobytes()
+
+
+# Compressed stores: PQ global codes and packed binary local descriptors (format version 2).
+
+
+@pytest.fixture
+def float_store(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = [f"db/{i:04d}.jpg" for i in range(300)]
+    global_descriptors = rng.standard_normal((300, 16)).astype(np.float32)
+    local = rng.standard_normal((300, 6, 5 + 32)).astype(np.float16)
+    local[:, :, 2] = rng.integers(0, 7, (300, 6))  # scale index
+    local[:, :, 3] = 0
+    local[:5, 4:, 3] = 1  # padding
+    labels = np.arange(300) % 11
+    path = write_feature_store(tmp_path / "float.h5", ids, global_descriptors, local, labels=labels, config={"a": 1})
+    return path, global_descriptors, local
+
+
+def test_a_compressed_store_reads_in_the_float_layout(tmp_path, float_store):
+    source, global_descriptors, local = float_store
+    projection = itq_projection(local[..., 5:].reshape(-1, 32), bits=16)
+    path = compress_feature_store(
+        source,
+        tmp_path / "compressed.h5",
+        global_pq_sub_dim=4,
+        local_projection=projection,
+        num_locals=4,
+        rows_per_block=64,  # written in several blocks
+    )
+    store = FeatureStore(path)
+    assert (store.global_encoding, store.local_encoding) == ("pq", "binary")
+    assert store.global_dim == 16 and store.local_shape == (4, 5 + 16) and store.has_global and store.has_local
+    assert store.ids == FeatureStore(source).ids and store.config == {"a": 1}
+    np.testing.assert_array_equal(store.labels, np.arange(300) % 11)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2 and f.attrs["local_bits"] == 16 and "local" not in f
+        assert f["local_bits"].dtype == np.uint8 and f["local_bits"].shape == (300, 4, 2)
+        assert json.loads(f.attrs["compression"])["global_pq_training"] == "source store (300 rows)"
+    # Globals: the PQ reconstruction, decoded as rows are read.
+    quantizer = store.global_quantizer()
+    assert quantizer.centroids.shape == (4, 256, 4)
+    expected = quantizer.decode(quantizer.encode(global_descriptors))
+    loaded = store.global_descriptors()
+    assert isinstance(loaded, QuantizedRows) and loaded.shape == (300, 16) and isinstance(loaded.codes, np.memmap)
+    np.testing.assert_array_equal(np.asarray(loaded), expected)
+    np.testing.assert_array_equal(loaded[[7, 2, 7]], expected[[7, 2, 7]])
+    np.testing.assert_array_equal(loaded[10:20], expected[10:20])
+    np.testing.assert_array_equal(loaded[-1], expected[-1])
+    assert loaded[3, 2] == expected[3, 2]
+    np.testing.assert_array_equal(store.global_descriptors(memory_map=False), expected)
+    assert 0 < np.mean((expected - global_descriptors) ** 2) < np.mean(global_descriptors**2)
+    # Locals: the metadata columns, then the ±1 codes, as float16 like the float store.
+    rows = [299, 0, 3, 0]
+    values = store.local_descriptors(rows)
+    assert values.shape == (4, 4, 21) and values.dtype == np.float16
+    np.testing.assert_array_equal(values[..., :5], local[rows, :4, :5])
+    np.testing.assert_array_equal(values[..., 5:], binary_codes(local[rows, :4, 5:], projection))
+    np.testing.assert_array_equal(store.local_descriptors(slice(0, 5))[..., 3], local[:5, :4, 3])
+    assert store.local_descriptors([]).shape == (0, 4, 21)
+    # The datamodule reads it like any store.
+    dataset = EmbeddingDataset.from_store(store, locals_per_example=2)
+    batch = dataset.__getitems__([5, 1])
+    np.testing.assert_array_equal(batch.embedding.numpy(), expected[[5, 1]])
+    assert batch.local.shape == (2, 2, 21) and batch.local.dtype == torch.float32
+
+
+def test_bytes_per_image_of_stores_follow_the_formula(tmp_path, float_store, descriptors):
+    ids, global_descriptors, local = descriptors  # float32 16-d globals, 7 float16 8-d locals
+    store = FeatureStore(write_feature_store(tmp_path / "store.h5", ids, global_descriptors, local))
+    assert store.stored_bytes_per_image() == bytes_per_image(16, "fp32", 7, "fp16", local_dim=8) == 64 + 7 * 16
+    assert store.stored_bytes_per_image(num_locals=3) == bytes_per_image(16, "fp32", 3, "fp16", local_dim=8)
+    with pytest.raises(ValueError, match="8 local descriptors per image asked, .*store.h5 stores 7"):
+        store.stored_bytes_per_image(num_locals=8)
+    source, _, _ = float_store
+    compressed = FeatureStore(
+        compress_feature_store(
+            source, tmp_path / "c.h5", global_pq_sub_dim=8, local_projection=np.eye(32, 16), num_locals=5
+        )
+    )
+    assert compressed.stored_bytes_per_image() == bytes_per_image(16, "pq8", 5, "binary", local_dim=16) == 2 + 5 * 2
+    # The AMES "1 KB" setting: a 2048-d global as PQ8 codes and 48 binary 128-bit locals.
+    rng = np.random.default_rng(5)
+    quantizer = ProductQuantizer(rng.standard_normal((256, 256, 8)).astype(np.float32))
+    path = write_compressed_store(
+        tmp_path / "one_kb.h5",
+        ["a", "b"],
+        global_descriptors=rng.standard_normal((2, 2048)),
+        global_quantizer=quantizer,
+        keep_float_global=True,
+        local_codes=rng.random((2, 48, 128)) > 0.5,
+        local_meta=np.zeros((2, 48, 5)),
+    )
+    one_kb = FeatureStore(path)
+    assert one_kb.stored_bytes_per_image() == bytes_per_image(2048, "pq8", 48, "binary") == 1024
+
+
+def test_float_globals_kept_beside_pq_codes(tmp_path):
+    rng = np.random.default_rng(6)
+    ids = [str(i) for i in range(300)]
+    global_descriptors = rng.standard_normal((300, 8)).astype(np.float32)
+    quantizer = ProductQuantizer.train(global_descriptors, sub_dim=4)
+    path = write_compressed_store(
+        tmp_path / "both.h5",
+        ids,
+        global_descriptors=global_descriptors,
+        global_quantizer=quantizer,
+        keep_float_global=True,
+    )
+    store = FeatureStore(path)
+    assert store.global_encoding == "pq" and not store.has_local and store.local_encoding is None
+    reconstruction = quantizer.decode(quantizer.encode(global_descriptors))
+    np.testing.assert_array_equal(np.asarray(store.global_descriptors()), reconstruction)
+    assert store.global_descriptors(quantized=False).tobytes() == global_descriptors.tobytes()
+    assert store.stored_bytes_per_image() == 2  # the codes; the float copy is kept for comparison
+    # Without the copy, asking for it names what is missing.
+    source = write_feature_store(tmp_path / "float.h5", ids, global_descriptors)
+    only_codes = FeatureStore(compress_feature_store(source, tmp_path / "codes.h5", global_quantizer=quantizer))
+    np.testing.assert_array_equal(np.asarray(only_codes.global_descriptors()), reconstruction)
+    with pytest.raises(FeatureStoreError, match="codes.h5 holds no float global descriptors"):
+        only_codes.global_descriptors(quantized=False)
+    with pytest.raises(FeatureStoreError, match="float.h5 holds no PQ codes global descriptors"):
+        FeatureStore(source).global_descriptors(quantized=True)
+
+
+def test_pq_is_trained_on_the_given_training_data(tmp_path, float_store):
+    source, global_descriptors, _ = float_store
+    training = np.random.default_rng(7).standard_normal((400, 16)).astype(np.float32) * 3
+    path = compress_feature_store(source, tmp_path / "c.h5", global_pq_sub_dim=8, pq_training=training)
+    store = FeatureStore(path)
+    expected = ProductQuantizer.train(training, 8)
+    np.testing.assert_array_equal(store.global_quantizer().centroids, expected.centroids)
+    assert store.local_encoding == "float" and store.local_shape == (6, 37)  # locals copied as they were
+    with h5py.File(path, "r") as f:
+        assert json.loads(f.attrs["compression"])["global_pq_training"] == "given array (400 vectors)"
+    # A quantizer shared by the parts of one database gives them one codebook.
+    again = compress_feature_store(source, tmp_path / "again.h5", global_quantizer=store.global_quantizer())
+    np.testing.assert_array_equal(FeatureStore(again).global_quantizer().centroids, expected.centroids)
+
+
+def test_stores_without_compressed_data_keep_format_version_1(tmp_path, descriptors):
+    ids, global_descriptors, local = descriptors
+    path = write_feature_store(tmp_path / "store.h5", ids, global_descriptors, local)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 1 and "compression" not in f.attrs
+    store = FeatureStore(path)
+    assert (store.global_encoding, store.local_encoding) == ("float", "float")
+    assert store.global_quantizer() is None
+    # Compressing nothing (no PQ, no projection) copies the store, still as version 1.
+    copy = compress_feature_store(path, tmp_path / "copy.h5", global_pq_sub_dim=None, num_locals=3)
+    with h5py.File(copy, "r") as f:
+        assert f.attrs["format_version"] == 1
+    assert FeatureStore(copy).global_descriptors().tobytes() == global_descriptors.tobytes()
+    assert FeatureStore(copy).local_descriptors(slice(None)).tobytes() == local[:, :3].tobytes()
+
+
+def test_a_compressed_store_written_by_plain_h5py(tmp_path):
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 256, (3, 4), dtype=np.uint8)
+    centroids = rng.standard_normal((4, 256, 2)).astype(np.float32)
+    bits = rng.integers(0, 256, (3, 5, 16), dtype=np.uint8)
+    meta = rng.standard_normal((3, 5, 5)).astype(np.float16)
+    with h5py.File(tmp_path / "mine.h5", "w") as f:
+        f["ids"] = ["a", "b", "c"]
+        f["global_pq"] = codes
+        f["global_pq_centroids"] = centroids
+        f["local_bits"] = bits
+        f["local_meta"] = meta
+        f.attrs["local_bits"] = 128
+    store = FeatureStore(tmp_path / "mine.h5")
+    assert store.global_dim == 8 and store.local_shape == (5, 133) and store.num_images == 3
+    np.testing.assert_array_equal(store.global_descriptors()[[1]], ProductQuantizer(centroids).decode(codes[[1]]))
+    np.testing.assert_array_equal(store.local_descriptors([2])[0, :, 5:], unpack_bits(bits[2]))
+    assert store.stored_bytes_per_image() == 4 + 5 * 16
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.__delitem__("local_meta"), r"local_bits needs local_meta \[3, 5, 5\] .*got none"),
+        (lambda f: f.attrs.__setitem__("local_bits", 120), r"attr local_bits=120; expected uint8 \[N, L, bits/8\]"),
+        (lambda f: f.attrs.__delitem__("local_bits"), "attr local_bits=missing"),
+        (lambda f: f.create_dataset("local", data=np.zeros((3, 5, 9))), "holds both 'local' and 'local_bits'"),
+        (lambda f: f.__delitem__("global_pq_centroids"), r"global_pq uint8 \(3, 4\) needs uint8 codes .*got none"),
+        (lambda f: f.create_dataset("global", data=np.zeros((3, 6))), "global has 6 dimensions but its PQ codebook 8"),
+        (lambda f: f.attrs.__setitem__("format_version", 3), "format_version 3, newer than this code reads"),
+    ],
+)
+def test_a_broken_compressed_store_is_refused_naming_the_file(tmp_path, change, message):
+    path = write_compressed_store(
+        tmp_path / "broken.h5",
+        ["a", "b", "c"],
+        global_descriptors=np.zeros((3, 8)),
+        global_quantizer=ProductQuantizer(np.zeros((4, 256, 2))),
+        local_codes=np.ones((3, 5, 128)),
+        local_meta=np.zeros((3, 5, 5)),
+    )
+    FeatureStore(path)  # intact, it reads
+    with h5py.File(path, "r+") as f:
+        change(f)
+    with pytest.raises(FeatureStoreError, match=f"broken.h5.*{message}"):
+        FeatureStore(path)
+
+
+def test_compression_refuses_what_it_cannot_do(tmp_path, float_store, descriptors):
+    source, _, _ = float_store
+    compressed = compress_feature_store(source, tmp_path / "c.h5", global_pq_sub_dim=4)
+    with pytest.raises(FeatureStoreError, match="c.h5 is already compressed"):
+        compress_feature_store(compressed, tmp_path / "cc.h5")
+    with pytest.raises(ValueError, match=r"local_projection of shape \(16, 8\) does not apply to .*32-d"):
+        compress_feature_store(source, tmp_path / "x.h5", local_projection=np.zeros((16, 8)))
+    with pytest.raises(ValueError, match="num_locals=7: .*float.h5 stores 6 local descriptors"):
+        compress_feature_store(source, tmp_path / "x.h5", num_locals=7)
+    with pytest.raises(ValueError, match="a positive multiple of 8 bits, got 12"):
+        compress_feature_store(source, tmp_path / "x.h5", local_projection=np.zeros((32, 12)))
+    assert not (tmp_path / "x.h5").exists()
+    ids, global_descriptors, _ = descriptors
+    shard = compress_feature_store(
+        write_feature_store(tmp_path / "s.h5", ids[:10], global_descriptors[:10]),
+        tmp_path / "shard.h5",
+        global_quantizer=ProductQuantizer(np.zeros((2, 256, 8))),
+    )
+    with pytest.raises(FeatureStoreError, match="joining compressed stores is not supported"):
+        write_virtual_store(tmp_path / "joined.h5", ids[:10], [(0, shard)])

@@ -1,0 +1,151 @@
+"""RRT: the Reranking Transformer (Tan, Yuan, Ordonez, "Instance-level Image Retrieval using Reranking
+Transformers", ICCV 2021), the re-ranker AMES compares with, on the same data and evaluation path.
+
+One transformer encoder reads ``[CLS, g_q, L_q, SEP, g_x, L_x]`` (global and local descriptors of both images,
+with scale and segment embeddings; :class:`~lightning_modules.nn.rrt.RerankingTransformer`) and classifies the
+pair from the CLS token. Trained with binary cross-entropy on the same mined triplets as AMES
+(:mod:`datamodules.triplets`). The paper re-ranks the top-100 by RRT's score alone; here the fused score of the
+shared re-ranking stage is used, whose grid includes ``lambda = 0`` (RRT alone), so the tuning can choose it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.base import LRSchedule
+from lightning_modules.nn.rrt import RerankingTransformer
+from lightning_modules.reranking import SCALE_COLUMN, PairReranker, pair_labels, split_locals
+from retrieval.compression import bytes_per_image
+
+
+class RRT(PairReranker):
+    """RRT re-ranker on stored global and local descriptors.
+
+    Args:
+        local_dim, global_dim: stored descriptor sizes; ``None`` reads them from the data.
+        model_dim, num_layers, num_heads, ffn_dim, num_scales, dropout: the encoder (paper: 128, 6, 4, 1024).
+        train_locals: local descriptors per image in training.
+        **kwargs: evaluation and optimisation settings of :class:`PairReranker` (paper: AdamW, lr 1e-4,
+            top-100 re-ranked).
+    """
+
+    method_name = "RRT"
+
+    def __init__(
+        self,
+        local_dim: int | None = None,
+        global_dim: int | None = None,
+        model_dim: int = 128,
+        num_layers: int = 6,
+        num_heads: int = 4,
+        ffn_dim: int = 1024,
+        num_scales: int = 7,
+        dropout: float = 0.0,
+        train_locals: int = 500,
+        shortlist: int = 100,
+        query_locals: int = 500,
+        database_locals: int = 500,
+        eval_local_sizes: Sequence[Sequence[int]] | None = None,
+        fusion_weight: float = 0.0,
+        fusion_temperature: float = 1.0,
+        tune_fusion: bool = True,
+        fusion_metric: str = "mAP@100",
+        fusion_lambdas: Sequence[float] | None = None,
+        fusion_gammas: Sequence[float] | None = None,
+        fusion_depths: Sequence[int] | None = None,
+        pair_batch_size: int = 256,
+        lr: float = 1e-4,
+        weight_decay: float = 5e-4,
+        lr_schedule: LRSchedule = "cosine",
+    ):
+        super().__init__(
+            shortlist=shortlist,
+            query_locals=query_locals,
+            database_locals=database_locals,
+            eval_local_sizes=eval_local_sizes,
+            fusion_weight=fusion_weight,
+            fusion_temperature=fusion_temperature,
+            tune_fusion=tune_fusion,
+            fusion_metric=fusion_metric,
+            fusion_lambdas=fusion_lambdas,
+            fusion_gammas=fusion_gammas,
+            fusion_depths=fusion_depths,
+            pair_batch_size=pair_batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+        )
+        self.save_hyperparameters()
+        self.network: RerankingTransformer | None = None
+        if local_dim is not None and global_dim is not None:
+            self._build(local_dim, global_dim)
+
+    def _build(self, local_dim: int, global_dim: int) -> None:
+        hp = self.hparams
+        self.network = RerankingTransformer(
+            local_dim,
+            global_dim,
+            model_dim=hp.model_dim,
+            num_layers=hp.num_layers,
+            num_heads=hp.num_heads,
+            ffn_dim=hp.ffn_dim,
+            num_scales=hp.num_scales,
+            dropout=hp.dropout,
+        )
+        self.hparams.local_dim, self.hparams.global_dim = local_dim, global_dim
+
+    def setup(self, stage: str) -> None:
+        if self.network is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            local_dim = getattr(datamodule, "local_dim", None)
+            if local_dim is None:
+                raise ValueError(
+                    "RRT: local_dim is not set and the datamodule does not tell it; set model.init_args.local_dim"
+                )
+            self._build(int(local_dim), self.data_embedding_dim())
+
+    def _pair_logits(self, query_global, query_local, database_global, database_local) -> torch.Tensor:
+        query_desc, query_pad = split_locals(query_local)
+        database_desc, database_pad = split_locals(database_local)
+        return self.network(
+            query_global,
+            query_desc,
+            query_local[..., SCALE_COLUMN].long(),
+            query_pad,
+            database_global,
+            database_desc,
+            database_local[..., SCALE_COLUMN].long(),
+            database_pad,
+        )
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        global_, local = self.triplets(batch)
+        local = local[:, :, : self.hparams.train_locals]
+        anchor_global, anchor_local = global_[:, 0], local[:, 0]
+        logits = self._pair_logits(
+            torch.cat([anchor_global, anchor_global]),
+            torch.cat([anchor_local, anchor_local]),
+            torch.cat([global_[:, 1], global_[:, 2]]),
+            torch.cat([local[:, 1], local[:, 2]]),
+        )
+        loss = F.binary_cross_entropy_with_logits(logits, pair_labels(len(local), logits.device))
+        self.stop_if_not_finite(loss, {"bce": loss})
+        self.log("train/bce", loss, prog_bar=True)
+        self.log("train/loss", loss)
+        return loss
+
+    def score_pairs(self, query_global, query_local, database_global, database_local) -> torch.Tensor:
+        return self._pair_logits(query_global, query_local, database_global, database_local)
+
+    def database_bytes_per_image(self, database_locals: int, global_bytes: int) -> int:
+        # RRT reads the stored local descriptors themselves (fp16 in the store), scale included in its input.
+        return global_bytes + bytes_per_image(
+            global_dim=0,
+            global_storage=None,
+            num_locals=database_locals,
+            local_storage="fp16",
+            local_dim=self.hparams.local_dim,
+        )
