@@ -86,6 +86,7 @@ def score_shortlist(trainer, module, eval_set: EvalSet, shortlist: np.ndarray, q
     num_queries, m = shortlist.shape
     chunks = PairChunks(num_queries, m, int(module.hparams.pair_batch_size))
     query_parts = eval_set.query_parts or eval_set.database_parts
+    encoding = database_encoding(eval_set)
     results = {}
     with torch.inference_mode():
         for chunk, query_rows, columns in chunks.chunks_for(trainer.global_rank, trainer.world_size):
@@ -94,7 +95,7 @@ def score_shortlist(trainer, module, eval_set: EvalSet, shortlist: np.ndarray, q
             database_global, database_local = read_rows(
                 eval_set.database_parts, database_rows, database_locals, module.device
             )
-            logits = module.score_pairs(query_global, query_local, database_global, database_local)
+            logits = module.score_pairs(query_global, query_local, database_global, database_local, encoding)
             results[chunk] = logits.float().cpu().numpy()
     if trainer.world_size > 1:
         everyone = [None] * trainer.world_size if trainer.is_global_zero else None
@@ -128,14 +129,21 @@ def read_rows(parts: dict, rows: np.ndarray, count: int, device) -> tuple[torch.
 
 
 def global_bytes_per_image(eval_set: EvalSet) -> int:
-    """Bytes of one database image's global descriptor as stored (the store's own accounting when it has one,
-    e.g. product-quantisation codes; else dtype size x dimension)."""
+    """Bytes of one database image's global descriptor as stored (the store's own accounting: float32, float16
+    or product-quantisation codes)."""
     dataset = next(iter(eval_set.database_parts.values()))
-    store = getattr(dataset, "local_store", None) or getattr(getattr(dataset, "dataset", None), "local_store", None)
-    if store is not None and hasattr(store, "stored_bytes_per_image"):
-        return int(store.stored_bytes_per_image(num_locals=0))
-    embeddings = getattr(dataset, "embeddings", None) or getattr(getattr(dataset, "dataset", None), "embeddings", None)
-    return int(embeddings.dtype.itemsize * embeddings.shape[1])
+    store = getattr(dataset, "store", None)
+    if store is None:
+        raise ValueError(f"evaluation set '{eval_set.name}': its database is not read from a feature store")
+    return int(store.stored_bytes_per_image(num_locals=0))
+
+
+def database_encoding(eval_set: EvalSet) -> str:
+    """How the database's locals are stored (``"binary"``: ±1 codes of a binary re-ranker's projection)."""
+    encodings = {getattr(dataset, "local_encoding", "float") for dataset in eval_set.database_parts.values()}
+    if len(encodings) != 1:
+        raise ValueError(f"evaluation set '{eval_set.name}': database parts store locals differently ({encodings})")
+    return encodings.pop()
 
 
 def _tune(trainer, module, evaluation, logits: np.ndarray, set_name: str) -> None:

@@ -117,6 +117,14 @@ class RowSubset(Dataset):
     def num_stored_locals(self) -> int | None:
         return getattr(self.dataset, "num_stored_locals", None)
 
+    @property
+    def store(self):
+        return getattr(self.dataset, "store", None)
+
+    @property
+    def local_encoding(self) -> str:
+        return getattr(self.dataset, "local_encoding", "float")
+
     def local_descriptors(self, indices: Sequence[int], count: int | None = None):
         """The local descriptors of the subset's examples ``indices`` (see ``EmbeddingDataset.local_descriptors``)."""
         return self.dataset.local_descriptors(self.rows[np.asarray(indices, dtype=np.int64)], count)

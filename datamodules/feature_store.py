@@ -35,7 +35,10 @@ class EmbeddingDataset(Dataset):
         labels: np.ndarray | None = None,
         local_store: FeatureStore | None = None,
         locals_per_example: int | None = None,
+        store: FeatureStore | None = None,
     ):
+        #: The store the rows come from, when known (what they take as stored: ``stored_bytes_per_image``).
+        self.store = store or local_store
         self.embeddings = embeddings
         self.ids = ids
         self.labels = labels
@@ -50,7 +53,12 @@ class EmbeddingDataset(Dataset):
     def from_store(cls, store: FeatureStore, with_locals: bool = False, locals_per_example: int | None = None):
         """The store's global descriptors; ``with_locals`` also gives access to its local descriptors."""
         local_store = store if with_locals or locals_per_example is not None else None
-        return cls(store.global_descriptors(), store.ids, store.labels, local_store, locals_per_example)
+        return cls(store.global_descriptors(), store.ids, store.labels, local_store, locals_per_example, store)
+
+    @property
+    def local_encoding(self) -> str:
+        """``"binary"`` when the stored locals are binary codes (read as ±1), else ``"float"``."""
+        return getattr(self.local_store, "local_encoding", None) or "float"
 
     @property
     def num_stored_locals(self) -> int | None:

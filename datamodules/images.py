@@ -368,7 +368,7 @@ class ImageBenchmark(RetrievalDataModule):
         locals_per_example = training_locals(self, store) if train else None
         local_store = store if self.local_descriptors or locals_per_example is not None else None
         return EmbeddingDataset(
-            store.global_descriptors(), images.paths, images.labels, local_store, locals_per_example
+            store.global_descriptors(), images.paths, images.labels, local_store, locals_per_example, store
         )
 
     @property

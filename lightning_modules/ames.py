@@ -245,10 +245,25 @@ class AMES(PairReranker):
         return F.mse_loss(student_tokens, kept)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
-    def score_pairs(self, query_global, query_local, database_global, database_local) -> torch.Tensor:
+    def score_pairs(self, query_global, query_local, database_global, database_local, database_encoding="float"):
         query_desc, query_pad = split_locals(query_local)
         database_desc, database_pad = split_locals(database_local)
-        return self.network(query_desc, query_pad, database_desc, database_pad)
+        if database_encoding == "float":
+            return self.network(query_desc, query_pad, database_desc, database_pad)
+        if database_encoding != "binary" or not self.hparams.binary:
+            raise ValueError(
+                f"AMES ({'binary' if self.hparams.binary else 'full precision'}) cannot read {database_encoding} "
+                "database locals; a store of binary codes is read by the binary AMES whose projection made it"
+            )
+        database_tokens = self.network.tokens_from_codes(database_desc)
+        return self.network.score_tokens(self.network.encode(query_desc), query_pad, database_tokens, database_pad)
+
+    def binary_projection(self) -> np.ndarray:
+        """``[local_dim, 128]`` projection whose signs are this binary model's codes: what
+        ``retrieval.feature_store.compress_feature_store(local_projection=...)`` stores the database with."""
+        if not self.hparams.binary:
+            raise ValueError("binary_projection needs a binary AMES")
+        return self.network.remap.projection.detach().cpu().numpy()
 
     def database_bytes_per_image(self, database_locals: int, global_bytes: int) -> int:
         # Database locals are stored after the remap: 128-bit codes (16 B) or fp16 128-d tokens (256 B).

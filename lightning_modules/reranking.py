@@ -79,9 +79,12 @@ class PairReranker(RetrievalModule):
         query_local: torch.Tensor,
         database_global: torch.Tensor,
         database_local: torch.Tensor,
+        database_encoding: str = "float",
     ) -> torch.Tensor:
         """Logits ``[P]`` of ``P`` (query, database image) pairs from their global ``[P, Dg]`` and local
-        ``[P, L, 5 + D]`` descriptors (stored columns; padding rows flagged in the pad column)."""
+        ``[P, L, 5 + D]`` descriptors (stored columns; padding rows flagged in the pad column).
+        ``database_encoding="binary"``: the database locals are stored binary codes (±1) of this re-ranker's
+        projection (a compressed store), not descriptors."""
         raise NotImplementedError
 
     def database_bytes_per_image(self, database_locals: int, global_bytes: int) -> int:

@@ -137,7 +137,9 @@ class RRT(PairReranker):
         self.log("train/loss", loss)
         return loss
 
-    def score_pairs(self, query_global, query_local, database_global, database_local) -> torch.Tensor:
+    def score_pairs(self, query_global, query_local, database_global, database_local, database_encoding="float"):
+        if database_encoding != "float":
+            raise ValueError(f"RRT reads local descriptors, not {database_encoding} codes")
         return self._pair_logits(query_global, query_local, database_global, database_local)
 
     def database_bytes_per_image(self, database_locals: int, global_bytes: int) -> int:

@@ -147,3 +147,69 @@ def test_ames_variants_and_rrt_train_and_rerank_through_the_cli_identically_on_o
     rrt = ["--config", str(CONFIGS / "rrt/embedded_local.yaml"), *TINY, *QUIET, "--model.init_args.train_locals=16"]
     run_cli("fit", *rrt, cwd=tmp_path)
     assert "val/embedded_local/global/mAP@100" in metrics(tmp_path / "runs/rrt/embedded_local/version_0")
+
+
+def test_a_published_model_file_is_evaluated_as_this_framework_s_ames(tmp_path):
+    from test_ames_nn import SMALL, ames_reference
+
+    reference = ames_reference.AMESReference(8, **SMALL).eval()
+    torch.save({"state": reference.state_dict(), "epoch": 15}, tmp_path / "dinov2_ames.pt")
+    module = AMES(published_checkpoint=str(tmp_path / "dinov2_ames.pt"), num_layers=SMALL["num_layers"]).eval()
+    batch = triplet_batch(dim=8)
+    query, database = batch["local"][:, 0], batch["local"][:, 1]
+    with torch.no_grad():
+        expected = reference(*split_locals(query), *split_locals(database))
+        assert torch.allclose(module.score_pairs(None, query, None, database), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="holds a full-precision AMES but binary=True"):
+        AMES(published_checkpoint=str(tmp_path / "dinov2_ames.pt"), binary=True)
+
+
+class OneProcessTest:
+    world_size, is_global_zero, global_rank, default_root_dir = 1, True, 0, "."
+
+    class state:  # noqa: N801
+        fn = "test"
+
+    class strategy:  # noqa: N801
+        broadcast = staticmethod(lambda value, src=0: value)
+
+
+def test_a_database_stored_as_packed_bits_of_the_binary_model_reranks_exactly_as_its_descriptors(tmp_path):
+    """The compressed store (16 B per database descriptor, PQ-coded globals) read back as the binary model's codes
+    gives the re-ranking of the float store, at the memory it really takes."""
+    import numpy as np
+
+    from callbacks.reranking_stage import rerank_eval_sets
+    from datamodules.feature_store import LabelledFeatureStores
+    from retrieval.feature_store import FeatureStore, compress_feature_store, write_feature_store
+
+    rng = np.random.default_rng(0)
+    for name, n in (("query", 6), ("database", 300)):
+        local = np.zeros((n, 10, 5 + 8), dtype=np.float32)
+        local[..., 5:] = rng.standard_normal((n, 10, 8))
+        local[:, 8:, 3] = 1
+        global_ = rng.standard_normal((n, 16)).astype(np.float32)
+        write_feature_store(tmp_path / f"{name}.h5", [str(i) for i in range(n)], global_, local, labels=np.arange(n) % 3)
+    torch.manual_seed(0)
+    module = small_ames(binary=True, shortlist=20, query_locals=10, database_locals=10, tune_fusion=False).eval()
+    compress_feature_store(
+        tmp_path / "database.h5", tmp_path / "database_1kb.h5", global_pq_sub_dim=4, keep_float_global=True,
+        local_projection=module.binary_projection(),
+    )
+    compressed = FeatureStore(tmp_path / "database_1kb.h5")
+    assert compressed.local_encoding == "binary" and compressed.stored_bytes_per_image(num_locals=10) == 4 + 10 * 16
+    results = {}
+    for database in ("database.h5", "database_1kb.h5"):
+        data = LabelledFeatureStores(
+            test_query=str(tmp_path / "query.h5"), test_database=str(tmp_path / database), local_descriptors=True
+        )
+        gathered = {
+            name: F.normalize(torch.from_numpy(np.asarray(FeatureStore(tmp_path / file).global_descriptors(quantized=False))), dim=-1).numpy()
+            for name, file in (("features/query", "query.h5"), ("features/database", "database.h5"))
+        }
+        results[database] = rerank_eval_sets(OneProcessTest(), module, data.eval_sets("test"), "test", gathered)
+    float_store, bits_store = results["database.h5"], results["database_1kb.h5"]
+    assert float_store.pop("test/features/bytes_per_image") == 16 * 4 + 10 * 16
+    assert bits_store.pop("test/features/bytes_per_image") == 4 + 10 * 16  # PQ4 global: 4 codes of 1 byte
+    assert float_store == bits_store
+    assert float_store["test/features/mAP@100"] != float_store["test/features/global/mAP@100"]

@@ -135,3 +135,52 @@ def test_command_line_scores_the_distractors_alike_on_images_features_and_two_pr
             assert from_images[f"test/{name}+1m/{key}"] == pytest.approx(value, abs=1e-6)
     rop = np.mean([from_images[f"test/{n}+1m/{s}/mAP"] for n in DATASETS for s in ("medium", "hard")])
     assert from_images["test/rop+1m/mAP"] == pytest.approx(rop)
+
+
+class RerankingProcess(ScoringProcess):
+    global_rank = 0
+
+    class state:  # noqa: N801
+        fn = "test"
+
+
+def test_reranking_with_the_distractors_scores_pairs_at_their_global_positions(layout, tmp_path):
+    """The re-ranking stage on Revisited+1M: shortlists over the database followed by the distractors, pairs read
+    from the right part, and exactly the metrics of re-ranking the concatenated arrays directly."""
+    from lightning_modules.ames import AMES
+    from retrieval.reranking import evaluate_reranked, global_shortlist
+
+    root = layout / "data/revisited"
+    features = tmp_path / "features"
+    data = RevisitedOxfordParis(str(root), distractors=True, features=str(features), local_descriptors=True)
+    rng = np.random.default_rng(1)
+    stored = {}
+    for name, images in data.lists.items():
+        global_ = rng.standard_normal((len(images), 8)).astype(np.float32)
+        local = np.zeros((len(images), 4, 5 + 6), dtype=np.float32)
+        local[..., 5:] = rng.standard_normal((len(images), 4, 6))
+        local[:, 3, 3] = 1
+        stored[name] = (global_ / np.linalg.norm(global_, axis=1, keepdims=True), local)
+        write_feature_store(features / f"{name}.h5", images.paths, global_, local)
+    torch.manual_seed(0)
+    module = AMES(local_dim=6, num_layers=1, ffn_dim=16, shortlist=10, query_locals=4, database_locals=4,
+                  pair_batch_size=7, tune_fusion=False, fusion_weight=0.3, fusion_temperature=0.5).eval()
+    parts = data.eval_parts("test")
+    outputs = {
+        i: [(torch.arange(len(dataset)), torch.from_numpy(stored[name][0]))] for i, (name, dataset) in enumerate(parts.items())
+    }
+    metrics = score_eval_sets(RerankingProcess(), data, "test", lambda i: outputs[i], reranker=module)
+    for name in DATASETS:
+        queries, query_local = stored[f"{name}_query"]
+        database = np.concatenate([stored[f"{name}_database"][0], stored["revisitop1m"][0]])
+        database_local = np.concatenate([stored[f"{name}_database"][1], stored["revisitop1m"][1]])
+        truth = RevisitedGroundTruth(GND, num_database=16)
+        scores, shortlist = global_shortlist(queries, database, 10)
+        pairs_q = torch.from_numpy(query_local).repeat_interleave(10, 0)
+        pairs_x = torch.from_numpy(database_local[shortlist.reshape(-1)])
+        with torch.no_grad():
+            logits = module.score_pairs(None, pairs_q, None, pairs_x).reshape(len(queries), 10).numpy()
+        expected = evaluate_reranked(truth, queries, database, scores, shortlist, logits, 0.3, 0.5)
+        assert {k: metrics[f"test/{name}+1m/{k}"] for k in expected} == pytest.approx(expected, abs=1e-12)
+        assert expected != evaluate_embeddings(queries, database, truth)  # the re-ranking changed the numbers
+        assert metrics[f"test/{name}+1m/bytes_per_image"] == 8 * 4 + 4 * 256
