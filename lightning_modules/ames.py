@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.base import LRSchedule, load_frozen_module
+from lightning_modules.base import load_frozen_module
 from lightning_modules.nn.ames import AMESTransformer, load_published_ames
 from lightning_modules.reranking import PairReranker, pair_labels, sampled_size, split_locals
 from lightning_modules.ss2d import resolve_checkpoint
@@ -80,40 +80,10 @@ class AMES(PairReranker):
         distill_weight: float = 10.0,
         published_checkpoint: str | None = None,
         seed: int = 0,
-        shortlist: int = 1600,
-        query_locals: int = 600,
-        database_locals: int = 600,
-        eval_local_sizes: Sequence[Sequence[int]] | None = None,
-        fusion_weight: float = 0.5,
-        fusion_temperature: float = 0.2,
-        tune_fusion: bool = True,
-        fusion_metric: str = "mAP@100",
-        fusion_lambdas: Sequence[float] | None = None,
-        fusion_gammas: Sequence[float] | None = None,
-        fusion_depths: Sequence[int] | None = None,
-        pair_batch_size: int = 256,
-        lr: float = 2e-4,
-        weight_decay: float = 5e-4,
-        lr_schedule: LRSchedule = "cosine",
+        **kwargs,
     ):
-        super().__init__(
-            shortlist=shortlist,
-            query_locals=query_locals,
-            database_locals=database_locals,
-            eval_local_sizes=eval_local_sizes,
-            fusion_weight=fusion_weight,
-            fusion_temperature=fusion_temperature,
-            tune_fusion=tune_fusion,
-            fusion_metric=fusion_metric,
-            fusion_lambdas=fusion_lambdas,
-            fusion_gammas=fusion_gammas,
-            fusion_depths=fusion_depths,
-            pair_batch_size=pair_batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-        )
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
+        self.save_method_hyperparameters()
         self.network: AMESTransformer | None = None
         # The teacher stays outside the module tree: not a parameter, not in checkpoints, not wrapped by DDP.
         self._teacher: list[AMES] = []

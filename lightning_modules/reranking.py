@@ -10,6 +10,7 @@ and fuses (see :mod:`retrieval.reranking` and ``callbacks.retrieval_evaluation``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -71,6 +72,15 @@ class PairReranker(RetrievalModule):
         self.register_buffer("fusion_depth", torch.tensor(int(shortlist), dtype=torch.int64))
         #: 1 once tuned on a validation split (then test applies the tuned values).
         self.register_buffer("fusion_tuned", torch.tensor(0, dtype=torch.int64))
+        self.save_hyperparameters()
+
+    def save_method_hyperparameters(self) -> None:
+        """``save_hyperparameters`` for a subclass that hands this class's settings over as ``**kwargs``: its own
+        arguments, plus this class's for every setting it was not given (so defaults are recorded too)."""
+        inherited = dict(self.hparams)
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        for key, value in inherited.items():
+            self.hparams.setdefault(key, value)
 
     # ---- to implement ---------------------------------------------------------------------------------------
     def score_pairs(

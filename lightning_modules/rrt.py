@@ -10,12 +10,9 @@ shared re-ranking stage is used, whose grid includes ``lambda = 0`` (RRT alone),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import LRSchedule
 from lightning_modules.nn.rrt import RerankingTransformer
 from lightning_modules.reranking import SCALE_COLUMN, PairReranker, pair_labels, split_locals
 from retrieval.compression import bytes_per_image
@@ -28,8 +25,10 @@ class RRT(PairReranker):
         local_dim, global_dim: stored descriptor sizes; ``None`` reads them from the data.
         model_dim, num_layers, num_heads, ffn_dim, num_scales, dropout: the encoder (paper: 128, 6, 4, 1024).
         train_locals: local descriptors per image in training.
-        **kwargs: evaluation and optimisation settings of :class:`PairReranker` (paper: AdamW, lr 1e-4,
-            top-100 re-ranked).
+        shortlist, query_locals, database_locals, fusion_weight, fusion_temperature, lr: as in
+            :class:`PairReranker`, with the paper's values (top-100 re-ranked by RRT's score alone, 500 locals,
+            AdamW 1e-4).
+        **kwargs: the other evaluation and optimisation settings of :class:`PairReranker`.
     """
 
     method_name = "RRT"
@@ -48,37 +47,21 @@ class RRT(PairReranker):
         shortlist: int = 100,
         query_locals: int = 500,
         database_locals: int = 500,
-        eval_local_sizes: Sequence[Sequence[int]] | None = None,
         fusion_weight: float = 0.0,
         fusion_temperature: float = 1.0,
-        tune_fusion: bool = True,
-        fusion_metric: str = "mAP@100",
-        fusion_lambdas: Sequence[float] | None = None,
-        fusion_gammas: Sequence[float] | None = None,
-        fusion_depths: Sequence[int] | None = None,
-        pair_batch_size: int = 256,
         lr: float = 1e-4,
-        weight_decay: float = 5e-4,
-        lr_schedule: LRSchedule = "cosine",
+        **kwargs,
     ):
         super().__init__(
             shortlist=shortlist,
             query_locals=query_locals,
             database_locals=database_locals,
-            eval_local_sizes=eval_local_sizes,
             fusion_weight=fusion_weight,
             fusion_temperature=fusion_temperature,
-            tune_fusion=tune_fusion,
-            fusion_metric=fusion_metric,
-            fusion_lambdas=fusion_lambdas,
-            fusion_gammas=fusion_gammas,
-            fusion_depths=fusion_depths,
-            pair_batch_size=pair_batch_size,
             lr=lr,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
+            **kwargs,
         )
-        self.save_hyperparameters()
+        self.save_method_hyperparameters()
         self.network: RerankingTransformer | None = None
         if local_dim is not None and global_dim is not None:
             self._build(local_dim, global_dim)

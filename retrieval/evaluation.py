@@ -19,13 +19,7 @@ def evaluate_embeddings(
     numpy and faiss; a torch device (the GPU the evaluation runs on) searches there, with the same rankings
     (see :mod:`retrieval.search`).
     """
-    if ground_truth.queries_are_database:
-        queries = database
-    if len(queries) != ground_truth.num_queries or len(database) != ground_truth.num_database:
-        raise ValueError(
-            f"got {len(queries)} query and {len(database)} database embeddings; the ground truth has "
-            f"{ground_truth.num_queries} queries and {ground_truth.num_database} database items"
-        )
+    queries = checked_queries(queries, database, ground_truth)
     exclude_self = ground_truth.queries_are_database
     if ground_truth.ranking_items is not None:
         positions = ranking_positions(
@@ -34,3 +28,15 @@ def evaluate_embeddings(
         return ground_truth.evaluate_positions(positions)
     _, ranks = knn(queries, database, ground_truth.depth, exclude_self=exclude_self, progress=progress, device=device)
     return ground_truth.evaluate(ranks)
+
+
+def checked_queries(queries, database, ground_truth: GroundTruth):
+    """The queries to search with (the database itself for leave-one-out), checked against the ground truth."""
+    if ground_truth.queries_are_database:
+        queries = database
+    if len(queries) != ground_truth.num_queries or len(database) != ground_truth.num_database:
+        raise ValueError(
+            f"got {len(queries)} query and {len(database)} database embeddings; the ground truth has "
+            f"{ground_truth.num_queries} queries and {ground_truth.num_database} database items"
+        )
+    return queries

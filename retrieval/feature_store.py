@@ -55,7 +55,7 @@ import h5py
 import numpy as np
 
 from retrieval.compression import PQ_CENTROIDS, ProductQuantizer, binary_codes, pack_bits, unpack_bits
-from retrieval.files import replace_atomically
+from retrieval.files import check_format_attributes, replace_atomically
 from retrieval.validation import check_finite_rows
 
 FORMAT = "retrieval-feature-store"
@@ -107,15 +107,7 @@ class FeatureStore:
 
     def _read_header(self, f: h5py.File) -> None:
         # A store written by hand may omit every attribute; one that names another format is refused.
-        if "format" in f.attrs and _as_str(f.attrs["format"]) != FORMAT:
-            raise FeatureStoreError(
-                f"{self.path} has format={_as_str(f.attrs['format'])!r}, not '{FORMAT}'; expected {EXPECTED_LAYOUT}"
-            )
-        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise FeatureStoreError(
-                f"{self.path} has format_version {f.attrs['format_version']}, newer than this code reads "
-                f"({FORMAT_VERSION}); update the package"
-            )
+        check_format_attributes(f.attrs, self.path, FORMAT, FORMAT_VERSION, EXPECTED_LAYOUT, FeatureStoreError)
         if "ids" not in f or not (set(_DESCRIPTOR_DATASETS) & set(f.keys())):
             raise FeatureStoreError(f"{self.path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}")
         for name, ndim in _DATASET_NDIMS.items():

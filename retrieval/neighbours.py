@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from retrieval.feature_store import FeatureStore
-from retrieval.files import replace_atomically
+from retrieval.files import check_format_attributes, replace_atomically
 from retrieval.search import knn
 
 FORMAT = "retrieval-neighbours"
@@ -202,15 +202,7 @@ def read_neighbours(path: str | os.PathLike, memory_map: bool = True) -> Neighbo
     except OSError as error:
         raise NeighbourFileError(f"{path} is not a readable HDF5 file ({error}); expected {EXPECTED_LAYOUT}") from None
     with f:
-        if "format" in f.attrs and _as_str(f.attrs["format"]) != FORMAT:
-            raise NeighbourFileError(
-                f"{path} has format={_as_str(f.attrs['format'])!r}, not '{FORMAT}'; expected {EXPECTED_LAYOUT}"
-            )
-        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise NeighbourFileError(
-                f"{path} has format_version {f.attrs['format_version']}, newer than this code reads "
-                f"({FORMAT_VERSION}); update the package"
-            )
+        check_format_attributes(f.attrs, path, FORMAT, FORMAT_VERSION, EXPECTED_LAYOUT, NeighbourFileError)
         if not {"scores", "indices"} <= set(f.keys()):
             raise NeighbourFileError(f"{path} has datasets {sorted(f.keys())}; expected {EXPECTED_LAYOUT}")
         for name in ("scores", "indices", "query_ids", "database_ids"):

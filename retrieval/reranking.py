@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import expit
 
+from retrieval.evaluation import checked_queries
 from retrieval.ground_truth import GroundTruth
 from retrieval.search import knn, ranking_positions
 
@@ -185,13 +186,7 @@ class RerankingEvaluation:
         device=None,
         progress: bool = False,
     ):
-        if ground_truth.queries_are_database:
-            queries = database
-        if len(queries) != ground_truth.num_queries or len(database) != ground_truth.num_database:
-            raise ValueError(
-                f"got {len(queries)} query and {len(database)} database embeddings; the ground truth has "
-                f"{ground_truth.num_queries} queries and {ground_truth.num_database} database items"
-            )
+        queries = checked_queries(queries, database, ground_truth)
         self._set_shortlist(ground_truth, shortlist_scores, shortlist_indices)
         exclude_self = ground_truth.queries_are_database
         if ground_truth.ranking_items is None:

@@ -189,11 +189,16 @@ def test_a_database_stored_as_packed_bits_of_the_binary_model_reranks_exactly_as
         local[..., 5:] = rng.standard_normal((n, 10, 8))
         local[:, 8:, 3] = 1
         global_ = rng.standard_normal((n, 16)).astype(np.float32)
-        write_feature_store(tmp_path / f"{name}.h5", [str(i) for i in range(n)], global_, local, labels=np.arange(n) % 3)
+        write_feature_store(
+            tmp_path / f"{name}.h5", [str(i) for i in range(n)], global_, local, labels=np.arange(n) % 3
+        )
     torch.manual_seed(0)
     module = small_ames(binary=True, shortlist=20, query_locals=10, database_locals=10, tune_fusion=False).eval()
     compress_feature_store(
-        tmp_path / "database.h5", tmp_path / "database_1kb.h5", global_pq_sub_dim=4, keep_float_global=True,
+        tmp_path / "database.h5",
+        tmp_path / "database_1kb.h5",
+        global_pq_sub_dim=4,
+        keep_float_global=True,
         local_projection=module.binary_projection(),
     )
     compressed = FeatureStore(tmp_path / "database_1kb.h5")
@@ -204,7 +209,9 @@ def test_a_database_stored_as_packed_bits_of_the_binary_model_reranks_exactly_as
             test_query=str(tmp_path / "query.h5"), test_database=str(tmp_path / database), local_descriptors=True
         )
         gathered = {
-            name: F.normalize(torch.from_numpy(np.asarray(FeatureStore(tmp_path / file).global_descriptors(quantized=False))), dim=-1).numpy()
+            name: F.normalize(
+                torch.from_numpy(np.asarray(FeatureStore(tmp_path / file).global_descriptors(quantized=False))), dim=-1
+            ).numpy()
             for name, file in (("features/query", "query.h5"), ("features/database", "database.h5"))
         }
         results[database] = rerank_eval_sets(OneProcessTest(), module, data.eval_sets("test"), "test", gathered)

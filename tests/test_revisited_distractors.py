@@ -163,11 +163,22 @@ def test_reranking_with_the_distractors_scores_pairs_at_their_global_positions(l
         stored[name] = (global_ / np.linalg.norm(global_, axis=1, keepdims=True), local)
         write_feature_store(features / f"{name}.h5", images.paths, global_, local)
     torch.manual_seed(0)
-    module = AMES(local_dim=6, num_layers=1, ffn_dim=16, shortlist=10, query_locals=4, database_locals=4,
-                  pair_batch_size=7, tune_fusion=False, fusion_weight=0.3, fusion_temperature=0.5).eval()
+    module = AMES(
+        local_dim=6,
+        num_layers=1,
+        ffn_dim=16,
+        shortlist=10,
+        query_locals=4,
+        database_locals=4,
+        pair_batch_size=7,
+        tune_fusion=False,
+        fusion_weight=0.3,
+        fusion_temperature=0.5,
+    ).eval()
     parts = data.eval_parts("test")
     outputs = {
-        i: [(torch.arange(len(dataset)), torch.from_numpy(stored[name][0]))] for i, (name, dataset) in enumerate(parts.items())
+        i: [(torch.arange(len(dataset)), torch.from_numpy(stored[name][0]))]
+        for i, (name, dataset) in enumerate(parts.items())
     }
     metrics = score_eval_sets(RerankingProcess(), data, "test", lambda i: outputs[i], reranker=module)
     for name in DATASETS:
