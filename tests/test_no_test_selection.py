@@ -9,6 +9,7 @@ import yaml
 from layouts import write_gldv2, write_pittsburgh_folders, write_revisited, write_sop
 
 from datamodules.embedded import EmbeddedBenchmarkSpec
+from datamodules.embedded_local import EmbeddedLocalBenchmarkSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("extract", "data", "logger"))
@@ -63,6 +64,9 @@ def test_validation_never_scores_test_data(class_path, tmp_path):
     family = cls.__module__.rsplit(".", 1)[-1]
     if family == "embedded":
         data = cls(root=str(tmp_path), spec=EmbeddedBenchmarkSpec(train_classes=10, eval_classes=4, seed=0))
+        data.prepare_data()
+    elif family == "embedded_local":
+        data = cls(root=str(tmp_path), spec=EmbeddedLocalBenchmarkSpec(train_objects=10, eval_objects=4))
         data.prepare_data()
     else:
         write_layout(family, tmp_path)
