@@ -121,15 +121,6 @@ class AMES(PairReranker):
                 raise ValueError(f"teacher {self.hparams.teacher} must be a full-precision AMES checkpoint")
             self._teacher.append(teacher)
 
-    def data_local_dim(self) -> int:
-        dim = getattr(getattr(self.trainer, "datamodule", None), "local_dim", None)
-        if dim is None:
-            raise ValueError(
-                "AMES: local_dim is not set and the datamodule does not tell its local descriptor size; set "
-                "model.init_args.local_dim (or use a feature-store datamodule with local descriptors)"
-            )
-        return int(dim)
-
     def on_fit_start(self) -> None:
         if self._teacher:
             self._teacher[0].to(self.device)

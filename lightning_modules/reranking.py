@@ -103,6 +103,16 @@ class PairReranker(RetrievalModule):
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------------------------
+    def data_local_dim(self) -> int:
+        """Size of the stored local descriptors, read from the datamodule (for networks built lazily)."""
+        dim = getattr(getattr(self.trainer, "datamodule", None), "local_dim", None)
+        if dim is None:
+            raise ValueError(
+                f"{type(self).__name__}: local_dim is not set and the datamodule does not tell its local descriptor "
+                "size; set model.init_args.local_dim (or use a feature-store datamodule with local descriptors)"
+            )
+        return int(dim)
+
     def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return F.normalize(batch["embedding"].float(), dim=-1)
 

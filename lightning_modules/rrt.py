@@ -82,13 +82,7 @@ class RRT(PairReranker):
 
     def setup(self, stage: str) -> None:
         if self.network is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            local_dim = getattr(datamodule, "local_dim", None)
-            if local_dim is None:
-                raise ValueError(
-                    "RRT: local_dim is not set and the datamodule does not tell it; set model.init_args.local_dim"
-                )
-            self._build(int(local_dim), self.data_embedding_dim())
+            self._build(self.data_local_dim(), self.data_embedding_dim())
 
     def _pair_logits(self, query_global, query_local, database_global, database_local) -> torch.Tensor:
         query_desc, query_pad = split_locals(query_local)
