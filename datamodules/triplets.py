@@ -90,7 +90,7 @@ def mined_triplets(
         raise ValueError(f"{store_path}: triplet mining needs labels (same label = positive) in the training store")
     ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(dataset))]
     path = Path(mining.neighbour_file or f"{store_path}.neighbours{mining.neighbours}.h5")
-    if is_builder and not _neighbours_match(path, ids, mining.neighbours):
+    if is_builder and not _neighbours_match(_readable_neighbours(path), ids, mining.neighbours):
         descriptors = _unit_globals(dataset)
         scores, indices = build_neighbours(descriptors, descriptors, mining.neighbours, exclude_self=True)
         write_neighbours(
@@ -98,7 +98,7 @@ def mined_triplets(
         )
     barrier()
     neighbours = read_neighbours(path)
-    if not _neighbours_match(path, ids, mining.neighbours):
+    if not _neighbours_match(neighbours, ids, mining.neighbours):
         raise ValueError(f"{path}: the neighbour file does not list the training images of {store_path}")
     return MinedTriplets(
         neighbours.indices,
@@ -120,15 +120,20 @@ def _unit_globals(dataset: Dataset) -> np.ndarray:
     return descriptors / np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12)
 
 
-def _neighbours_match(path: Path, ids: list[str], m: int) -> bool:
+def _readable_neighbours(path: Path):
+    """The neighbour file at ``path``, or ``None`` when there is none or it cannot be read (then it is rebuilt)."""
     if not path.is_file():
-        return False
+        return None
     try:
-        neighbours = read_neighbours(path)
+        return read_neighbours(path)
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _neighbours_match(neighbours, ids: list[str], m: int) -> bool:
     return (
-        neighbours.query_ids is not None
+        neighbours is not None
+        and neighbours.query_ids is not None
         and list(neighbours.query_ids) == ids
         and neighbours.indices.shape[1] >= min(m, len(ids) - 1)
     )

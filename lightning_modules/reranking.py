@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.base import LRSchedule, RetrievalModule
+from lightning_modules.nn.ames import split_local_columns
 
-#: Local-descriptor columns before the descriptor (x, y, scale, pad, weight); see retrieval.feature_store.
-META_COLUMNS = 5
-PAD_COLUMN = 3
+#: The scale column of stored local descriptors (x, y, scale, pad, weight, descriptor...).
 SCALE_COLUMN = 2
 
 
@@ -157,9 +156,7 @@ class PairReranker(RetrievalModule):
 
 def split_locals(local: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(descriptors [.., L, D], padding [.., L] bool)`` of stored local rows, keeping the first ``count``."""
-    if count is not None:
-        local = local[..., :count, :]
-    return local[..., META_COLUMNS:], local[..., PAD_COLUMN] > 0.5
+    return split_local_columns(local if count is None else local[..., :count, :])
 
 
 def pair_labels(num_triplets: int, device) -> torch.Tensor:
