@@ -210,4 +210,4 @@ class GoogleLandmarksV2(ImageBenchmark):
         name = "test_public" if stage == "val" else "test_private"
         rows = self.subsets()[name][1]  # reads the retrieval solution
         ground_truth = self.retrieval.ground_truth(self.k, rows=rows)
-        return [EvalSpec("gldv2", ground_truth, database=["index"], query=name)]
+        return [EvalSpec(self.name, ground_truth, database=["index"], query=name)]  # subclasses rename it

@@ -54,8 +54,8 @@ class RevisitedDataset:
 
 
 def read_revisited(root: str | Path, name: str) -> RevisitedDataset:
-    if name not in NAMES:
-        raise ValueError(f"Revisited datasets are {NAMES}, got {name!r}")
+    """``<root>/<name>/gnd_<name>.pkl`` and its image paths: ``roxford5k``, ``rparis6k`` or any dataset written in
+    the same layout (e.g. the generated ``rlandmarks`` of :mod:`datamodules.generated_landmarks`)."""
     path = require_file(Path(root) / name / f"gnd_{name}.pkl", "Revisited Oxford/Paris", EXPECTED_TREE)
     try:
         with open(path, "rb") as f:
@@ -115,7 +115,8 @@ class RevisitedOxfordParis(ImageBenchmark):
 
     Args:
         root: the directory holding ``roxford5k/``, ``rparis6k/`` and optionally ``revisitop1m/``.
-        datasets: ``roxford5k``, ``rparis6k`` or both.
+        datasets: ``roxford5k``, ``rparis6k`` or both (the default), or other datasets in the same layout
+            (``<root>/<name>/gnd_<name>.pkl``, ``<root>/<name>/jpg/``), each evaluated under its own name.
         distractors: append the 1M distractors to the databases.
         train_on: the list ``fit`` trains on.
         kappas: the k of mP@k.
@@ -135,9 +136,9 @@ class RevisitedOxfordParis(ImageBenchmark):
         **kwargs,
     ):
         super().__init__(root, **kwargs)
-        unknown = [d for d in datasets if d not in NAMES]
-        if unknown or not datasets:
-            raise ValueError(f"Revisited datasets are {NAMES}, got {list(datasets)}")
+        # Any name in the Revisited layout is accepted; a missing <name>/gnd_<name>.pkl is reported when read.
+        if not datasets or len(set(datasets)) != len(datasets):
+            raise ValueError(f"Revisited datasets: give one or more distinct names, e.g. {NAMES}; got {list(datasets)}")
         self.datasets, self.distractors, self.train_on, self.kappas = (
             tuple(datasets),
             distractors,
@@ -180,6 +181,8 @@ class RevisitedOxfordParis(ImageBenchmark):
 
     def summary_metrics(self, stage, metrics: dict[str, float]) -> dict[str, float]:
         suffix = "+1m" if self.distractors else ""
+        if not set(NAMES) <= set(self.datasets):  # ROP is defined on ROxford and RParis only
+            return {}
         prefixes = [f"{stage}/{name}{suffix}/" for name in NAMES]
         results = [{k[len(p) :]: v for k, v in metrics.items() if k.startswith(p)} for p in prefixes]
         if not all(results):
