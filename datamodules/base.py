@@ -26,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import (
+    ClassBalanced,
+    ClassBalancedSampler,
     EpochPermutation,
     GlobalBatchSampler,
     ResumableDataLoader,
@@ -218,7 +220,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Global batches of training examples, or - with :attr:`triplet_mining` set (the pair re-rankers) - of
-        mined triplets, ``batch_size`` triplets each (see :mod:`datamodules.triplets`)."""
+        mined triplets, ``batch_size`` triplets each (see :mod:`datamodules.triplets`), or - with
+        :attr:`class_balanced` set - P classes x K images each (:class:`~datamodules.sampling.ClassBalancedSampler`)."""
         dataset = self.train_dataset()
         rank, world_size = self._distribution()
         seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -237,6 +240,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
             rank_zero_info(f"triplet mining: {sampler.summary}")
             dataset, collate_fn = TripletDataset(dataset), collate_triplets
+        elif self.class_balanced is not None:
+            sampler = self._class_balanced_sampler(dataset, seed)
+            rank_zero_info(sampler.summary)
         else:
             sampler = EpochPermutation(len(dataset), seed=seed)
         batches = GlobalBatchSampler(sampler, self.batch_size, rank, world_size)
@@ -251,6 +257,44 @@ class RetrievalDataModule(pl.LightningDataModule):
     #: How training triplets are mined (:class:`datamodules.triplets.TripletMining`); ``None``: the training
     #: set's examples in shuffled global batches. Set by datamodules over feature stores with local descriptors.
     triplet_mining = None
+
+    #: P x K class-balanced training batches (:class:`~datamodules.sampling.ClassBalanced`); ``None``: shuffled
+    #: global batches. Set by the image datamodules' ``class_balanced`` argument (see :meth:`set_class_balanced`).
+    class_balanced: ClassBalanced | None = None
+
+    def set_class_balanced(self, class_balanced: ClassBalanced | dict | None) -> None:
+        """Validate and set :attr:`class_balanced` (a :class:`ClassBalanced` or its arguments as a dict):
+        ``batch_size`` must be its P x K, and triplet mining cannot be used with it."""
+        if isinstance(class_balanced, Mapping):
+            try:
+                class_balanced = ClassBalanced(**class_balanced)
+            except TypeError as error:
+                raise ValueError(
+                    f"{type(self).__name__}: class_balanced expects {{classes_per_batch: P, images_per_class: K, "
+                    f"min_images_per_class: M (optional)}}, got {dict(class_balanced)} ({error})"
+                ) from None
+        if class_balanced is not None:
+            if self.triplet_mining is not None:
+                raise ValueError(f"{type(self).__name__}: set class_balanced or triplet_mining, not both")
+            if self.batch_size != class_balanced.batch_size:
+                raise ValueError(
+                    f"{type(self).__name__}: batch_size {self.batch_size} must equal class_balanced classes_per_batch "
+                    f"x images_per_class = {class_balanced.classes_per_batch} x {class_balanced.images_per_class} = "
+                    f"{class_balanced.batch_size} (the global batch); set batch_size: {class_balanced.batch_size}"
+                )
+        self.class_balanced = class_balanced
+
+    def _class_balanced_sampler(self, dataset: Dataset, seed: int) -> ClassBalancedSampler:
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            raise ValueError(
+                f"{type(self).__name__}: class_balanced batches need the training examples' labels, but the "
+                f"training dataset ({type(dataset).__name__}) has none"
+            )
+        balanced = self.class_balanced
+        return ClassBalancedSampler(
+            labels, balanced.classes_per_batch, balanced.images_per_class, balanced.min_images_per_class, seed=seed
+        )
 
     def train_store_path(self) -> str:
         """The feature store of the training split (where its triplet neighbour file is kept by default)."""

@@ -14,6 +14,11 @@ datasets of two kinds, chosen by one argument:
 An unreadable image (e.g. a truncated JPEG) stops evaluation and extraction with an error naming the file:
 a missing row would shift every index after it. For training, ``skip_unreadable_train=True`` instead drops
 such images from their batch, warns with the file name, and counts them in the batch (``"skipped"``).
+
+Training on images: ``train_augmentation`` gives the training split random resized crops of one fixed size,
+flips and colour jitter (:class:`~datamodules.augmentation.TrainAugmentation`); evaluation keeps the protocol's
+resizing (:class:`ImageTransform`). ``class_balanced`` trains on P classes x K images per global batch
+(:class:`~datamodules.sampling.ClassBalancedSampler`).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from datamodules.augmentation import TrainAugmentation
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule, RowSubset
 from datamodules.feature_store import EmbeddingDataset, collate_embeddings, training_locals
 from datamodules.hf_images import HFImageSource
 from datamodules.layout import DatasetFormatError, DatasetLayoutError
+from datamodules.sampling import ClassBalanced
 from datamodules.triplets import TripletMining
 from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore
 from retrieval.ground_truth import GroundTruth
@@ -148,7 +155,7 @@ class ImageListDataset(Dataset):
         self,
         root: str | Path,
         images: ImageList,
-        transform: ImageTransform,
+        transform: ImageTransform | TrainAugmentation,
         skip_unreadable: bool = False,
         source: HFImageSource | None = None,
     ):
@@ -248,6 +255,13 @@ class ImageBenchmark(RetrievalDataModule):
         predict_lists: which lists ``predict`` runs over (default: all of them).
         local_descriptors, train_locals, triplet_mining: with ``features``, the stores' local descriptors for
             re-ranking and triplet training (see :class:`~datamodules.feature_store.LabelledFeatureStores`).
+        train_augmentation: reading images, the training split's transform instead of ``image_size`` /
+            ``resize``: the arguments of :class:`~datamodules.augmentation.TrainAugmentation` (``image_size``,
+            default this datamodule's, rounded to ``multiple_of``; ``scale``, ``ratio``, ``flip_probability``,
+            ``brightness``, ``contrast``, ``saturation``, ``hue``). Evaluation and ``predict`` are not augmented.
+        class_balanced: global training batches of P classes x K images, ``{classes_per_batch: P,
+            images_per_class: K, min_images_per_class: M}`` (:class:`~datamodules.sampling.ClassBalanced`);
+            ``batch_size`` must be P x K.
     """
 
     def __init__(
@@ -268,6 +282,8 @@ class ImageBenchmark(RetrievalDataModule):
         local_descriptors: bool = False,
         train_locals: int | None = None,
         triplet_mining: TripletMining | None = None,
+        train_augmentation: dict | None = None,
+        class_balanced: ClassBalanced | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         if features is None and (local_descriptors or train_locals is not None or triplet_mining is not None):
@@ -281,6 +297,27 @@ class ImageBenchmark(RetrievalDataModule):
         self.features = Path(features) if features is not None else None
         self.hf_images = HFImageSource(**hf_images) if hf_images else None
         self.transform = ImageTransform(image_size, resize, multiple_of)
+        self.train_transform: TrainAugmentation | None = None
+        if train_augmentation is not None:
+            if features is not None:
+                raise ValueError(f"{type(self).__name__}: train_augmentation augments images; unset features")
+            if not isinstance(train_augmentation, dict):
+                raise ValueError(
+                    f"{type(self).__name__}: train_augmentation must be the arguments of TrainAugmentation as a "
+                    f"dict (image_size, scale, ratio, flip_probability, brightness, contrast, saturation, hue), "
+                    f"got {train_augmentation!r}"
+                )
+            options = {"image_size": self.transform._round(image_size), **train_augmentation}
+            if options["image_size"] % multiple_of:
+                raise ValueError(
+                    f"{type(self).__name__}: train_augmentation image_size {options['image_size']} must be a multiple "
+                    f"of multiple_of = {multiple_of} (a ViT's patch size)"
+                )
+            try:
+                self.train_transform = TrainAugmentation(**options)
+            except TypeError as error:
+                raise ValueError(f"{type(self).__name__}: train_augmentation: {error}") from None
+        self.set_class_balanced(class_balanced)
         self.skip_unreadable_train = skip_unreadable_train
         self.check_files = check_files
         self.predict_lists = list(predict_lists) if predict_lists is not None else None
@@ -358,7 +395,8 @@ class ImageBenchmark(RetrievalDataModule):
         images = self.lists[name]
         if self.features is None:
             skip = train and self.skip_unreadable_train
-            return ImageListDataset(self.root, images, self.transform, skip_unreadable=skip, source=self.hf_images)
+            transform = self.train_transform if train and self.train_transform is not None else self.transform
+            return ImageListDataset(self.root, images, transform, skip_unreadable=skip, source=self.hf_images)
         store = FeatureStore(self.features / f"{name}.h5")
         if store.ids != images.paths:
             raise DatasetFormatError(

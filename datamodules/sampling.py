@@ -13,13 +13,19 @@ output is a consecutive range of rows that the final store joins without copying
 
 Images of different shapes (aspect ratio kept) cannot share a batch: :class:`ShapeBatchSampler` batches
 together the indices whose images are resized to the same shape.
+
+Class-balanced training (P x K batches, for losses that need several images of each class in a batch):
+:class:`ClassBalancedSampler` takes the place of :class:`EpochPermutation` and yields global batches of
+``classes_per_batch`` classes with ``images_per_class`` images each, one batch after the other.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -46,6 +52,126 @@ class EpochPermutation(Sampler[int]):
         return self.num_examples
 
 
+@dataclass
+class ClassBalanced:
+    """P x K training batches (see :class:`ClassBalancedSampler`); the datamodule's ``batch_size`` (the global
+    batch) must equal ``classes_per_batch * images_per_class``."""
+
+    classes_per_batch: int
+    images_per_class: int
+    min_images_per_class: int = 2
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """Indices in global batches of ``classes_per_batch`` (P) classes x ``images_per_class`` (K) images.
+
+    A drop-in for :class:`EpochPermutation` (``epoch``, ``seed``, ``set_epoch``, ``__len__``; the order depends
+    only on ``(seed, epoch)``): behind ``GlobalBatchSampler(sampler, P * K, rank, world_size)`` each process
+    takes its contiguous slice of every P x K batch, and ``ResumableDataLoader`` resumes mid-epoch. A batch lists
+    its classes one after the other (K consecutive indices each), so with P divisible by the number of
+    processes every process holds whole classes.
+
+    An epoch visits every class once, in a seeded random order: ``ceil(C / P)`` batches for C classes. The last
+    batch is completed with the first classes of the epoch's order (they are then seen twice), so no class
+    is left out of an epoch. Each visit draws K distinct images of the class at random; a class with fewer than K
+    images gives all of them plus draws with replacement among them (augmentation makes the repeats differ).
+
+    Classes with fewer than ``min_images_per_class`` images are skipped (default 2: a class of one image gives
+    no positive pair of distinct images); they are counted in ``skipped_classes`` / ``skipped_images`` and
+    ``summary`` says so in one line.
+
+    Args:
+        labels: ``[N]`` integer class of every dataset index (any integers, e.g. landmark ids).
+        classes_per_batch, images_per_class: P and K.
+        min_images_per_class: classes with fewer images are skipped (and counted).
+        seed: seed of the class order and of the draws; the epoch is set by :meth:`set_epoch`.
+    """
+
+    def __init__(
+        self,
+        labels,
+        classes_per_batch: int,
+        images_per_class: int,
+        min_images_per_class: int = 2,
+        seed: int = 0,
+    ):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be a 1-d integer array, got shape {labels.shape} ({labels.dtype})")
+        for name, value in (
+            ("classes_per_batch", classes_per_batch),
+            ("images_per_class", images_per_class),
+            ("min_images_per_class", min_images_per_class),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"class_balanced: {name} must be an integer >= 1, got {value!r}")
+        self.classes_per_batch, self.images_per_class = int(classes_per_batch), int(images_per_class)
+        self.min_images_per_class = int(min_images_per_class)
+        self.seed = seed
+        self.epoch = 0
+        classes, class_of_index, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        kept = counts >= self.min_images_per_class
+        self.classes = classes[kept]  # the dataset labels of the kept classes, sorted
+        self.class_sizes = counts[kept]
+        # Dataset indices of the kept classes, grouped by class (in ``classes`` order), ascending within a class.
+        in_kept = kept[class_of_index]
+        self.members = np.flatnonzero(in_kept)[np.argsort(class_of_index[in_kept], kind="stable")]
+        self.member_class = np.repeat(np.arange(len(self.classes)), self.class_sizes)
+        self.class_starts = np.concatenate([[0], np.cumsum(self.class_sizes)[:-1]]).astype(np.int64)
+        self.skipped_classes = int((~kept).sum())
+        self.skipped_images = int(counts[~kept].sum())
+        num_classes = len(self.classes)
+        self.num_batches = math.ceil(num_classes / self.classes_per_batch)
+        self.repeated_classes = self.num_batches * self.classes_per_batch - num_classes
+        self.classes_with_repeats = int((self.class_sizes < self.images_per_class).sum())
+        self.summary = (
+            f"class-balanced batches of {self.classes_per_batch} classes x {self.images_per_class} images: "
+            f"{num_classes} classes ({len(self.members)} images) in {self.num_batches} batches per epoch, "
+            f"{self.repeated_classes} classes seen twice to complete the last batch, {self.classes_with_repeats} "
+            f"classes with fewer than {self.images_per_class} images drawn with replacement; "
+            f"{self.skipped_classes} classes ({self.skipped_images} images) skipped with fewer than "
+            f"{self.min_images_per_class} images"
+        )
+        if num_classes < self.classes_per_batch:
+            raise ValueError(
+                f"class_balanced: {num_classes} classes have at least {self.min_images_per_class} images, fewer "
+                f"than classes_per_batch = {self.classes_per_batch} ({self.summary})"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """The epoch's indices (default: the current epoch), ``[ceil(C / P) * P * K]``, batch after batch."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([int(self.seed), int(epoch)])
+        order = rng.permutation(len(self.classes))
+        # The first classes of the order complete the last batch: distinct from its own, as C >= P.
+        order = np.concatenate([order, order[: self.repeated_classes]])
+        # A random permutation of every class's images at once: sort the members by (class, random key).
+        shuffled = self.members[np.lexsort((rng.random(len(self.members)), self.member_class))]
+        draws = np.arange(self.images_per_class)[None, :]
+        sizes = self.class_sizes[:, None]
+        # The first K of the permutation, or all of a smaller class plus uniform draws with replacement.
+        extra = rng.integers(0, sizes, size=(len(self.classes), self.images_per_class))
+        positions = self.class_starts[:, None] + np.where(draws < sizes, draws, extra)
+        return shuffled[positions][order].reshape(-1)
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """This process's slice of each global batch, plus skipping batches already trained on when resuming.
 
@@ -57,6 +183,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"batch_size {global_batch_size} is the global batch and must be divisible by the "
                 f"number of processes ({world_size})"
+            )
+        sampler_batch = getattr(sampler, "batch_size", None)  # samplers laid out in batches (P x K)
+        if sampler_batch is not None and sampler_batch != global_batch_size:
+            raise ValueError(
+                f"batch_size {global_batch_size} (the global batch) must equal the {type(sampler).__name__}'s "
+                f"batch of {sampler_batch} indices (classes_per_batch x images_per_class)"
             )
         if len(sampler) < global_batch_size:
             raise ValueError(

@@ -6,6 +6,7 @@ from lightning_modules.base import ClosedFormModule, RetrievalModule
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.projections import PCAProjection, RawEmbedding
 from lightning_modules.rrt import RRT
+from lightning_modules.spatial_context import SpatialContextRetrieval
 from lightning_modules.ss2d import SS2D, SSD
 from lightning_modules.vae import VAEPerSize
 
@@ -20,6 +21,7 @@ __all__ = [
     "RawEmbedding",
     "RetrievalModule",
     "RRT",
+    "SpatialContextRetrieval",
     "SS2D",
     "SSD",
     "VAEPerSize",

@@ -97,9 +97,11 @@ class RetrievalModule(pl.LightningModule):
                 f"step {self.global_step} ({values}). Lower the learning rate or check the input embeddings."
             )
 
-    def build_optimizer(self, lr: float, weight_decay: float, schedule: LRSchedule):
-        """AdamW, optionally with a per-step cosine decay over the whole run."""
-        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+    def build_optimizer(self, lr: float, weight_decay: float, schedule: LRSchedule, params=None):
+        """AdamW over ``params`` (default: all parameters; or parameter groups with their own ``lr``), optionally
+        with a per-step cosine decay over the whole run."""
+        params = self.parameters() if params is None else params
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         if schedule == "constant":
             return optimizer
         if schedule != "cosine":

@@ -68,13 +68,18 @@ def test_validation_never_scores_test_data(class_path, tmp_path):
     elif family == "embedded_local":
         data = cls(root=str(tmp_path), spec=EmbeddedLocalBenchmarkSpec(train_objects=10, eval_objects=4))
         data.prepare_data()
+    elif family == "generated_landmarks":
+        from test_generated_landmarks import TINY
+
+        data = cls(root=str(tmp_path), spec=TINY)
+        data.prepare_data()
     else:
         write_layout(family, tmp_path)
         data = cls(root=str(tmp_path), **({"layout": "folders"} if family == "pittsburgh" else {}))
     validated, tested = scored_ids(data, "val"), scored_ids(data, "test")
     assert tested, f"{class_path} scores nothing at test time"
     assert not validated & tested, f"{class_path} validates on {len(validated & tested)} test examples"
-    if family == "revisited":
+    if family == "revisited" or cls.__name__ == "GeneratedLandmarksRevisited":
         assert not validated
 
 

@@ -15,6 +15,9 @@ path so the same conversions apply), or random (``pretrained=False``, for tests)
 Several scales: the image is resized by each factor, global descriptors are averaged over scales and
 renormalised, local descriptors of all scales compete for the top-L by weight (``scale`` column = index of
 the scale factor).
+
+:class:`FeatureMapBackbone` is the trainable counterpart for image-level methods: images in ``[0, 1]`` ->
+feature map ``[B, C, H, W]`` (CNN or ViT), with the first stages optionally frozen.
 """
 
 from __future__ import annotations
@@ -195,7 +198,9 @@ class DescriptorExtractor(nn.Module):
             # Cell size in resized pixels (a ViT's grid drops a side's remainder beyond the last whole patch),
             # then back to input pixels.
             resized_h, resized_w = resized.shape[2:]
-            cell_h, cell_w = (self.patch_size, self.patch_size) if self.is_vit else (resized_h / grid_h, resized_w / grid_w)
+            cell_h, cell_w = (
+                (self.patch_size, self.patch_size) if self.is_vit else (resized_h / grid_h, resized_w / grid_w)
+            )
             ys = (torch.arange(grid_h, device=pixels.device) + 0.5) * (cell_h * height / resized_h)
             xs = (torch.arange(grid_w, device=pixels.device) + 0.5) * (cell_w * width / resized_w)
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
@@ -231,3 +236,142 @@ def top_weighted(local: torch.Tensor, count: int) -> torch.Tensor:
         padding[..., 3] = 1.0
         top = torch.cat([top, padding], dim=1)
     return top
+
+
+class FeatureMapBackbone(nn.Module):
+    """A trainable timm backbone as a feature-map extractor: images ``[B, 3, H, W]`` in ``[0, 1]`` -> ``[B, C, h, w]``.
+
+    The timm normalisation of the model (mean and std from ``timm.data.resolve_model_data_config``) is applied
+    inside. CNNs give their last feature map (``forward_features``); ViTs their patch tokens (prefix tokens -
+    CLS and registers - removed, after the final norm) reshaped to the patch grid (image sides must then be
+    multiples of the patch size; a remainder is cut by the patch embedding).
+
+    Args:
+        backbone: a timm model from :func:`create_backbone` (CNNs built there keep their feature map), or a
+            short/timm name given to :func:`create_backbone` with ``pretrained``, ``checkpoint_path`` and
+            ``model_kwargs``.
+        freeze_blocks: 0 trains everything; ``n >= 1`` freezes the stem and the first ``n`` stages (CNNs: the
+            stages timm lists in ``feature_info``, each with everything before it, e.g. ResNet ``layer1..4``)
+            or blocks (ViTs: ``patch_embed``, the CLS/register tokens, ``pos_embed`` and ``blocks[:n]``).
+            Frozen parameters get ``requires_grad=False`` and frozen modules stay in eval mode when the
+            module is put in training mode, so their BatchNorm statistics and drop paths are frozen too.
+        channels_last: convert the model and its input to the channels-last memory format (faster convolutions
+            with mixed precision on recent GPUs).
+        grad_checkpointing: recompute activations in the backward pass (timm ``set_grad_checkpointing``), to
+            train large images or batches in less memory.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | str,
+        freeze_blocks: int = 0,
+        channels_last: bool = False,
+        grad_checkpointing: bool = False,
+        pretrained: bool = True,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        import timm
+
+        if isinstance(backbone, str):
+            backbone = create_backbone(backbone, pretrained, checkpoint_path, model_kwargs)
+        self.backbone = backbone
+        self.is_vit = hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+        if not hasattr(backbone, "forward_features"):
+            raise ValueError(f"{type(backbone).__name__} is not a timm model: it has no forward_features")
+        config = timm.data.resolve_model_data_config(backbone)
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.freeze_blocks = freeze_blocks
+        #: Names (within ``backbone``) of the modules kept in eval mode.
+        self.frozen_modules: list[str] = self._freeze(freeze_blocks)
+        self.train(self.training)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.backbone.num_features)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature-map cell along a side (the patch size of a ViT)."""
+        if self.is_vit:
+            return int(self.backbone.patch_embed.patch_size[0])
+        return int(self.backbone.feature_info[-1]["reduction"])
+
+    def stage_names(self) -> list[str]:
+        """The freezable stages / blocks in forward order (``freeze_blocks`` counts them)."""
+        if self.is_vit:
+            return [f"blocks.{i}" for i in range(len(self.backbone.blocks))]
+        feature_info = getattr(self.backbone, "feature_info", None)
+        if not feature_info:
+            raise ValueError(f"{type(self.backbone).__name__} has no timm feature_info to find its stages in")
+        stateful = {name for name, _ in self._state_entries()}
+        # Entries without parameters or buffers of their own are stem outputs (e.g. ResNet's act1), not stages.
+        return [
+            info["module"] for info in feature_info if any(entry.startswith(f"{info['module']}.") for entry in stateful)
+        ]
+
+    def _state_entries(self) -> list[tuple[str, torch.Tensor]]:
+        """Parameters and buffers of the backbone in registration order, which timm models follow in forward."""
+        return list(self.backbone.state_dict(keep_vars=True).items())
+
+    def _freeze(self, freeze_blocks: int) -> list[str]:
+        if isinstance(freeze_blocks, bool) or not isinstance(freeze_blocks, int) or freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks must be an integer >= 0, got {freeze_blocks!r}")
+        if freeze_blocks == 0:
+            return []
+        stages = self.stage_names()
+        if freeze_blocks > len(stages):
+            raise ValueError(
+                f"freeze_blocks = {freeze_blocks}, but {type(self.backbone).__name__} has {len(stages)} stages: "
+                f"{stages}"
+            )
+        entries = self._state_entries()
+        last_stage = stages[freeze_blocks - 1]
+        # Everything registered up to the last entry of the n-th stage: the stem (and, for ViTs, the tokens and
+        # position embeddings, registered on the model itself) and the first n stages.
+        end = max(i for i, (name, _) in enumerate(entries) if name.startswith(f"{last_stage}."))
+        frozen = {name for name, _ in entries[: end + 1]}
+        for name, parameter in self.backbone.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+        # The modules whose parameters and buffers are all frozen, outermost only (eval() recurses).
+        frozen_modules: list[str] = []
+        for name, module in self.backbone.named_modules():
+            if not name or any(name.startswith(f"{outer}.") for outer in frozen_modules):
+                continue
+            own = [f"{name}.{entry}" for entry in module.state_dict(keep_vars=True)]
+            if own and all(entry in frozen for entry in own):
+                frozen_modules.append(name)
+        return frozen_modules
+
+    def train(self, mode: bool = True) -> FeatureMapBackbone:
+        super().train(mode)
+        if mode:
+            modules = dict(self.backbone.named_modules())
+            for name in self.frozen_modules:
+                modules[name].eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` feature map of images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        x = (pixels - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.is_vit:
+            return self.backbone.forward_features(x)
+        tokens = self.backbone.forward_features(x)
+        patches = tokens[:, self.backbone.num_prefix_tokens :]
+        grid_h, grid_w = x.shape[2] // self.stride, x.shape[3] // self.stride
+        if grid_h * grid_w != patches.shape[1]:
+            raise ValueError(
+                f"{patches.shape[1]} patch tokens for a {grid_h} x {grid_w} grid of {self.stride}-pixel patches "
+                f"of a {x.shape[2]} x {x.shape[3]} image"
+            )
+        return patches.transpose(1, 2).reshape(len(x), -1, grid_h, grid_w)

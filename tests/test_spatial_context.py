@@ -1,0 +1,82 @@
+"""The spatial-context method as a module: its label map and classifier through a checkpoint, its training step,
+and fit -> test through the command line on a tiny generated landmark benchmark (GLDv2 layout, then the
+Revisited-layout split)."""
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from lightning_modules.base import MODEL_CLASS_KEY, load_frozen_module
+from lightning_modules.nn.margin_heads import ContiguousLabels
+from lightning_modules.spatial_context import SpatialContextRetrieval
+from reporting.run_results import read_run
+
+CONFIGS = REPO / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+SMALL_POOLING = {"num_nodes": 3, "num_neighbors": 2, "kernel_dim": 8}
+
+
+def small_module(**kwargs) -> SpatialContextRetrieval:
+    return SpatialContextRetrieval("resnet18", pretrained=False, embedding_dim=16, pooling=SMALL_POOLING, **kwargs)
+
+
+def test_the_label_map_and_classifier_survive_a_checkpoint(tmp_path):
+    module = small_module()
+    module._build_head(ContiguousLabels(torch.tensor([42, 5, 17, 5, 42])))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+
+    loaded = load_frozen_module(tmp_path / "model.ckpt")
+    assert isinstance(loaded, SpatialContextRetrieval) and loaded.hparams.num_classes == 3
+    assert loaded.label_map.dataset_labels.tolist() == [5, 17, 42]
+    assert loaded.label_map.encode(torch.tensor([17, 42, 5])).tolist() == [1, 2, 0]
+    assert torch.equal(loaded.classifier.weight, module.classifier.weight)
+    images = {"image": torch.rand(2, 3, 64, 64)}
+    with torch.no_grad():
+        assert torch.allclose(loaded.embed(images), module.eval().embed(images), atol=1e-6)
+
+
+def test_a_training_step_is_arcface_cross_entropy_on_the_remapped_labels():
+    module = small_module(head="arcface", margin=0.2, scale=10.0)
+    module._build_head(ContiguousLabels(torch.tensor([7, 9])))
+    batch = {"image": torch.rand(4, 3, 64, 64), "label": torch.tensor([9, 7, 9, 9])}
+    module.log_dict = lambda *args, **kwargs: None  # no trainer attached
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        descriptors = module.embed(batch)
+        cosine = descriptors @ torch.nn.functional.normalize(module.classifier.weight, dim=1).T
+        classes = torch.tensor([1, 0, 1, 1])
+        theta = torch.acos(cosine.clamp(-1, 1))
+        target = torch.cos(theta + 0.2).gather(1, classes[:, None])
+        logits = cosine.scatter(1, classes[:, None], target) * 10.0
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, classes), atol=1e-5)
+    loss.backward()
+    assert module.pooling.smoothing.kernel_generator.weight.grad.abs().sum() > 0
+    assert next(module.backbone.parameters()).grad is not None
+
+
+@pytest.mark.slow
+def test_spatial_context_trains_on_generated_landmarks_and_tests_on_their_revisited_split(tmp_path):
+    tiny = [
+        "--data.init_args.root=generated",
+        "--data.init_args.spec.image_size=64",
+        "--data.init_args.spec.train_landmarks=6",
+        "--data.init_args.spec.train_images_per_landmark=4",
+        "--data.init_args.spec.query_landmarks=3",
+        "--data.init_args.spec.index_distractor_landmarks=2",
+        "--data.init_args.spec.revisited_landmarks=2",
+        "--data.init_args.spec.revisited_distractor_landmarks=2",
+    ]
+    fit = ["--config", str(CONFIGS / "spatial_context/generated_landmarks.yaml"), *tiny, *QUIET]
+    run_cli("fit", *fit, "--trainer.max_epochs=1", "--data.init_args.batch_size=8", cwd=tmp_path)
+    run = tmp_path / "runs/spatial_context/generated_landmarks/version_0"
+    val = read_run(run, "val").metrics
+    assert 0 <= val["val/generated_landmarks/public/mAP@100"] <= 1
+
+    checkpoint = next((run / "checkpoints").glob("epoch*.ckpt"))
+    assert MODEL_CLASS_KEY in torch.load(checkpoint, map_location="cpu", weights_only=True)
+    revisited = ["--config", str(CONFIGS / "spatial_context/generated_rlandmarks.yaml"), *tiny, *QUIET]
+    run_cli("test", *revisited, "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    tested = read_run(run, "test", str(checkpoint.relative_to(run))).metrics
+    assert {"test/rlandmarks/medium/mAP", "test/rlandmarks/hard/mAP"} <= tested.keys()
