@@ -87,6 +87,51 @@ def read_gldv2_retrieval(root: str | Path) -> GLDv2Retrieval:
     return GLDv2Retrieval(index_ids, query_ids, subsets, positives)
 
 
+@dataclass(frozen=True)
+class TinyGLDv2:
+    """Tiny-GLDv2: the GLDv2 retrieval protocol on a small, reproducible index.
+
+    Definition (from the published files only): the queries are all scored queries of
+    ``retrieval_solution_v2.1.csv`` (Public and Private, as in GLDv2); the index is every index image that is a
+    positive of a scored query (the landmarks being searched for) plus ``distractors`` other images of
+    ``index.csv``, drawn without replacement by ``numpy.random.default_rng(seed).choice`` over those other images
+    in ``index.csv`` order; the kept images stay in ``index.csv`` order. With v2.1 and the defaults: the 1,129
+    scored queries (379 Public, 750 Private), their positives and 10,000 distractors, against the 761,757 images of
+    the whole index. Metrics are those of GLDv2 (mAP@100 per subset), logged under ``tiny_gldv2``. The index is a subset of the ``index`` list, so
+    the stores extracted for GLDv2 serve it unchanged.
+    """
+
+    distractors: int = 10_000
+    seed: int = 0
+
+    def index_rows(self, retrieval: GLDv2Retrieval) -> np.ndarray:
+        """Rows of ``index.csv`` kept, in file order."""
+        if self.distractors < 0:
+            raise ValueError(f"Tiny-GLDv2 distractors must be >= 0, got {self.distractors}")
+        positives = np.unique(np.concatenate([np.zeros(0, np.int64), *retrieval.positives]))
+        others = np.setdiff1d(np.arange(len(retrieval.index_ids)), positives)
+        if self.distractors > len(others):
+            raise ValueError(
+                f"Tiny-GLDv2 asks for {self.distractors} distractors but the index has only {len(others)} images that "
+                "are not positives of a scored query"
+            )
+        chosen = np.random.default_rng(self.seed).choice(others, size=self.distractors, replace=False)
+        return np.sort(np.concatenate([positives, chosen]))
+
+    def retrieval(self, retrieval: GLDv2Retrieval) -> tuple[GLDv2Retrieval, np.ndarray]:
+        """The protocol on the tiny index (positives renumbered) and the kept rows of ``index.csv``."""
+        rows = self.index_rows(retrieval)
+        position = np.full(len(retrieval.index_ids), -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        tiny = GLDv2Retrieval(
+            index_ids=[retrieval.index_ids[i] for i in rows],
+            query_ids=retrieval.query_ids,
+            query_subsets=retrieval.query_subsets,
+            positives=[position[p] for p in retrieval.positives],
+        )
+        return tiny, rows
+
+
 @dataclass
 class GLDv2Train:
     ids: list[str]
@@ -162,6 +207,8 @@ class GoogleLandmarksV2(ImageBenchmark):
         clean, min_images_per_class, max_images_per_class, num_classes, selection_seed: the training
             selection (:func:`read_gldv2_train`).
         k: the cut-off of mAP@k (100 in the challenge).
+        tiny: evaluate on Tiny-GLDv2 (:class:`TinyGLDv2`: all scored queries, a small reproducible index) instead
+            of the whole index; metrics under ``tiny_gldv2``.
         **kwargs: images or stored features, batch sizes, ... (:class:`~datamodules.images.ImageBenchmark`).
     """
 
@@ -177,9 +224,11 @@ class GoogleLandmarksV2(ImageBenchmark):
         num_classes: int | None = None,
         selection_seed: int = 0,
         k: int = 100,
+        tiny: TinyGLDv2 | None = None,
         **kwargs,
     ):
         super().__init__(root, **kwargs)
+        self.tiny = tiny
         self.selection = dict(
             clean=clean,
             min_images_per_class=min_images_per_class,
@@ -204,10 +253,16 @@ class GoogleLandmarksV2(ImageBenchmark):
     def subsets(self) -> dict[str, tuple[str, np.ndarray]]:
         self.lists  # noqa: B018 - reads the retrieval solution
         subsets = np.asarray(self.retrieval.query_subsets)
-        return {f"test_{name}": ("test", np.flatnonzero(subsets == name)) for name in ("public", "private")}
+        named = {f"test_{name}": ("test", np.flatnonzero(subsets == name)) for name in ("public", "private")}
+        if self.tiny is not None:
+            named["tiny_index"] = ("index", self.tiny.index_rows(self.retrieval))
+        return named
 
     def eval_specs(self, stage) -> list[EvalSpec]:
         name = "test_public" if stage == "val" else "test_private"
         rows = self.subsets()[name][1]  # reads the retrieval solution
+        if self.tiny is not None:
+            tiny, _ = self.tiny.retrieval(self.retrieval)
+            return [EvalSpec("tiny_gldv2", tiny.ground_truth(self.k, rows=rows), database=["tiny_index"], query=name)]
         ground_truth = self.retrieval.ground_truth(self.k, rows=rows)
         return [EvalSpec(self.name, ground_truth, database=["index"], query=name)]  # subclasses rename it

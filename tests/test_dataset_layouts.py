@@ -13,7 +13,7 @@ from layouts import (
     write_sop,
 )
 
-from datamodules.gldv2 import image_path, read_gldv2_retrieval, read_gldv2_train
+from datamodules.gldv2 import GoogleLandmarksV2, TinyGLDv2, image_path, read_gldv2_retrieval, read_gldv2_train
 from datamodules.layout import DatasetFormatError, DatasetLayoutError
 from datamodules.pittsburgh import pittsburgh_ground_truth, read_pittsburgh_folders, read_pittsburgh_mat
 from datamodules.revisited import read_distractors, read_revisited
@@ -123,6 +123,31 @@ def test_gldv2_retrieval_solution_and_per_subset_map(tmp_path):
         "public/mAP@3": pytest.approx((1 + 2 / 3) / 2 / 2),
         "private/mAP@3": pytest.approx((1 + (1 + 2 / 3) / 2) / 2),
     }
+
+
+def test_tiny_gldv2_keeps_every_positive_and_a_seeded_sample_of_the_rest(tmp_path):
+    solution = [("Public", [1, 4]), ("Private", [4, 6]), ("Ignored", None)]
+    written = write_gldv2(tmp_path, {7: 3}, solution, num_index=9)
+    retrieval = read_gldv2_retrieval(tmp_path)
+    tiny_spec = TinyGLDv2(distractors=2, seed=3)
+    tiny, rows = tiny_spec.retrieval(retrieval)
+    others = np.array([0, 2, 3, 5, 7, 8])
+    expected_distractors = np.random.default_rng(3).choice(others, size=2, replace=False)
+    assert rows.tolist() == sorted([1, 4, 6, *expected_distractors.tolist()])
+    assert tiny.index_ids == [written["index_ids"][i] for i in rows]
+    # the positives are the same images, renumbered in the tiny index
+    for positives, tiny_positives in zip(retrieval.positives, tiny.positives):
+        assert [tiny.index_ids[i] for i in tiny_positives] == [retrieval.index_ids[i] for i in positives]
+    # a ranking listing each query's positives first scores 1 on both subsets
+    ranks = np.array([list(tiny.positives[0]) + [0], list(tiny.positives[1]) + [0]])
+    assert tiny.ground_truth(k=3).evaluate(ranks) == {"public/mAP@3": 1.0, "private/mAP@3": 1.0}
+    with pytest.raises(ValueError, match="asks for 7 distractors but the index has only 6"):
+        TinyGLDv2(distractors=7).retrieval(retrieval)
+
+    data = GoogleLandmarksV2(str(tmp_path), tiny=tiny_spec)
+    (val,) = data.eval_specs("val")
+    assert val.name == "tiny_gldv2" and val.database == ["tiny_index"]
+    assert data.dataset("tiny_index").ids == [image_path("index", i) for i in tiny.index_ids]
 
 
 def test_gldv2_query_absent_from_test_list(tmp_path):

@@ -76,6 +76,13 @@ def test_spatial_context_trains_on_generated_landmarks_and_tests_on_their_revisi
 
     checkpoint = next((run / "checkpoints").glob("epoch*.ckpt"))
     assert MODEL_CLASS_KEY in torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # Evaluation is deterministic, so 1 and 2 processes give the same metrics (training is not: each process
+    # draws its own augmentations, and BatchNorm sees its own half of the batch).
+    validated = []
+    for processes in (["--trainer.devices=1"], ["--trainer.devices=2", "--trainer.strategy=ddp"]):
+        run_cli("validate", *fit, "--ckpt_path", str(checkpoint), "--trainer.accelerator=cpu", *processes, cwd=tmp_path)
+        validated.append(read_run(run, "val", str(checkpoint.relative_to(run))).metrics)
+    assert validated[0] == validated[1] and "val/generated_landmarks/public/mAP@100" in validated[0]
     revisited = ["--config", str(CONFIGS / "spatial_context/generated_rlandmarks.yaml"), *tiny, *QUIET]
     run_cli("test", *revisited, "--ckpt_path", str(checkpoint), cwd=tmp_path)
     tested = read_run(run, "test", str(checkpoint.relative_to(run))).metrics
