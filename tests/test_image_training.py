@@ -103,12 +103,14 @@ def test_augmentation_has_a_fixed_size_and_is_reproducible_with_a_generator():
 
 def test_augmentation_maps_back_to_original_pixels_through_the_flip():
     image = Image.new("RGB", (80, 40))
+    # The whole image's area at its own aspect ratio: the crop is the whole image whatever is drawn.
     whole = TrainAugmentation(
-        16, scale=(1, 1), ratio=(0.1, 10), flip_probability=1, brightness=0, contrast=0, saturation=0
+        16, scale=(1, 1), ratio=(2, 2), flip_probability=1, brightness=0, contrast=0, saturation=0
     )
-    pixels, to_original = whole(image)
-    # Transformed x = 0 (left edge) is the original's right edge x = 80.
-    np.testing.assert_allclose(to_original.numpy(), [-80 / 16, 40 / 16, 80, 0])
+    for seed in range(5):
+        pixels, to_original = whole(image, generator=torch.Generator().manual_seed(seed))
+        # Transformed x = 0 (left edge) is the original's right edge x = 80.
+        np.testing.assert_allclose(to_original.numpy(), [-80 / 16, 40 / 16, 80, 0])
 
 
 def test_image_benchmark_augments_training_images_only(tmp_path):
