@@ -252,6 +252,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
+            pin_memory=self.pin_memory,
         )
 
     #: How training triplets are mined (:class:`datamodules.triplets.TripletMining`); ``None``: the training
@@ -330,7 +331,16 @@ class RetrievalDataModule(pl.LightningDataModule):
             if shapes is None
             else {"batch_sampler": ShapeBatchSampler(indices, shapes, self.eval_batch_size)}
         )
-        return DataLoader(dataset, num_workers=self.num_workers, collate_fn=self.collate_fn(), **batching)
+        return DataLoader(
+            dataset, num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory, **batching
+        )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Batches in page-locked memory when the trainer runs on a CUDA device, so that Lightning's copy to the
+        GPU (``non_blocking``) is asynchronous instead of a synchronous copy from pageable memory."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def eval_dataloaders(self, stage: EvalStage) -> list[DataLoader]:
         """One sharded loader per evaluation part, in :meth:`eval_parts` order."""

@@ -1,6 +1,7 @@
 """Datamodules: the embedded benchmark, labelled feature stores, evaluation sets and their errors."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -175,3 +176,14 @@ def test_gathering_to_rank_zero_in_chunks_across_chunk_boundaries():
     for rows in (4, 5, 64):
         np.testing.assert_array_equal(results[0][rows], expected)
         assert results[1][rows].shape == (0, 3)  # only rank 0 scores
+
+
+def test_loaders_pin_memory_for_a_cuda_trainer_only(tmp_path):
+    data = EmbeddedBenchmark(root=str(tmp_path), spec=SMALL, batch_size=8)
+    data.prepare_data()
+    data.setup("fit")
+    for device, pinned in ((None, False), ("cpu", False), ("cuda", True)):
+        strategy = SimpleNamespace(root_device=torch.device(device or "cpu"))
+        data.trainer = None if device is None else SimpleNamespace(strategy=strategy, global_rank=0, world_size=1)
+        assert data.pin_memory is pinned
+        assert data.eval_dataloaders("val")[0].pin_memory is pinned and data.train_dataloader().pin_memory is pinned

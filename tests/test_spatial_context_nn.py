@@ -250,6 +250,20 @@ def test_write_back_changes_only_node_positions_and_pool_returns_the_same_nodes(
     torch.testing.assert_close(pooled.features, written)
 
 
+def test_write_back_of_float32_nodes_into_a_bfloat16_map(monkeypatch):
+    # Under CUDA autocast the backbone's map is bfloat16 and LayerNorm returns float32 nodes.
+    module = _refinement(output="write_back")
+    forward = type(module.blocks[0]).forward
+    for block in module.blocks:
+        monkeypatch.setattr(block, "forward", lambda nodes, adjacency, b=block: forward(b, nodes.float(), adjacency))
+    features = torch.rand(2, 6, 4, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(features)
+    assert out.features.dtype == torch.float32 and out.features.shape == features.shape
+    is_node = torch.zeros(2, 20, dtype=torch.bool).scatter(1, out.node_indices, True).view(2, 1, 4, 5)
+    assert torch.equal(out.features.masked_select(~is_node), features.float().masked_select(~is_node))
+
+
 @pytest.mark.parametrize("score_gate", ["sigmoid", "softmax"])
 def test_gradients_reach_the_score_conv_and_the_coordinate_embedding(score_gate):
     module = _refinement(score_gate=score_gate)

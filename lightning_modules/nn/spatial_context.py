@@ -359,7 +359,9 @@ class SpatialContextRefinement(nn.Module):
         for block in self.blocks:
             nodes = block(nodes, adjacency)
         if self.output == "write_back":
-            flat = flat.scatter(1, node_indices.unsqueeze(-1).expand(-1, -1, channels), nodes)
+            # Under CUDA autocast the map is bfloat16 and LayerNorm returns float32 nodes: write back in the wider.
+            dtype = torch.promote_types(flat.dtype, nodes.dtype)
+            flat = flat.to(dtype).scatter(1, node_indices.unsqueeze(-1).expand(-1, -1, channels), nodes.to(dtype))
             out = flat.transpose(1, 2).reshape(batch, channels, height, width)
         else:
             out = nodes
