@@ -103,6 +103,11 @@ class RetrievalEvaluation(pl.Callback):
             pl_module.size_views(),
             reranker=pl_module if isinstance(pl_module, PairReranker) else None,
         )
+        # Other callbacks add their metrics to the same evaluation (e.g. the localisation check); every process
+        # calls them and gets the same metrics back.
+        for callback in trainer.callbacks:
+            if hasattr(callback, "evaluation_metrics"):
+                metrics.update(callback.evaluation_metrics(trainer, pl_module, stage))
         for key, value in metrics.items():
             # Values are identical on all processes; sync_dist only keeps Lightning's epoch logging consistent.
             pl_module.log(key, value, sync_dist=True)

@@ -99,6 +99,8 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +113,7 @@ from datamodules.revisited import RevisitedOxfordParis
 
 MARKER = "generated_landmarks.json"
 VIEWS = "views.csv"
+LOCK = ".generation.lock"
 GENERATOR = "generated_landmarks"
 FORMAT_VERSION = 1  # bump when the drawing changes, so stored benchmarks are regenerated
 BOXES_HEADER = ["id", "box"]
@@ -969,6 +972,29 @@ def generate_landmark_benchmark(root: str | Path, spec: GeneratedLandmarksSpec =
     if is_generated(root, spec):
         return root
     root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / LOCK):  # concurrent runs on one root (an ablation's variants) generate it once
+        if not is_generated(root, spec):
+            _generate(root, spec)
+    return root
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where the platform has none)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(root: Path, spec: GeneratedLandmarksSpec) -> None:
     (root / MARKER).unlink(missing_ok=True)  # from here on the directory is incomplete until the marker is back
     _remove_previous_images(root)
     plan = _plan(spec)
@@ -991,7 +1017,6 @@ def generate_landmark_benchmark(root: str | Path, spec: GeneratedLandmarksSpec =
     temporary = root / f"{MARKER}.partial"
     temporary.write_text(json.dumps(_config(spec), indent=2) + "\n")
     os.replace(temporary, root / MARKER)  # last and atomic: a marker means a complete benchmark
-    return root
 
 
 # ---- readers -------------------------------------------------------------------------------------------------------
@@ -1142,6 +1167,11 @@ class GeneratedLandmarksRevisited(RevisitedOxfordParis):
 
     def prepare_data(self) -> None:
         generate_landmark_benchmark(self.benchmark_root, self.spec)
+
+    @property
+    def true_boxes(self) -> Path:
+        """The landmark box of every Revisited-layout image (``id`` = image name), for the localisation check."""
+        return self.benchmark_root / "boxes" / BOX_FILES[2]
 
 
 def describe(root: str | Path) -> dict[str, int]:

@@ -127,6 +127,18 @@ class SpatialContextRetrieval(RetrievalModule):
     def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.pooling(self.backbone(batch["image"]))
 
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps ``[B, C, H, W]`` the localisation check reads (:mod:`callbacks.localisation_check`): the
+        backbone's, after smoothing (when configured) and after the GCN's write-back (when configured)."""
+        backbone = self.backbone(images)
+        details = self.pooling.forward_details(backbone)
+        maps = {"backbone": backbone}
+        if not isinstance(self.pooling.smoothing, torch.nn.Identity):
+            maps["smoothed"] = details.smoothed
+        if details.graph is not None and details.graph.features.dim() == 4:  # "pool" output has no map
+            maps["refined"] = details.graph.features
+        return maps
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         descriptors = self.embed(batch)
         classes = self.label_map.encode(batch["label"])

@@ -16,8 +16,9 @@ The file is one JSON object, meant to be read by people as well as by ``compare`
       ]
     }
 
-* ``evaluations`` keeps one entry per (stage, subcommand, checkpoint); evaluating the same checkpoint again
-  in the same way replaces its entry, any other evaluation is added. ``checkpoint`` is relative to the run
+* ``evaluations`` keeps one entry per (stage, subcommand, checkpoint, datasets); evaluating the same checkpoint
+  again in the same way on the same datasets replaces its entry, any other evaluation is added (a checkpoint
+  tested on two benchmarks keeps both, and is read as one evaluation with the metrics of both). ``checkpoint`` is relative to the run
   directory when the file is inside it, ``null`` for weights never saved (a model evaluated as configured, or
   the end of training when no checkpoint holds it). ``roles`` says what the checkpoint is to the run: ``best``
   (the checkpoint callback's best on its monitor; without a monitor, the newest checkpoint), ``last``.
@@ -90,7 +91,7 @@ def add_evaluations(path: str | Path, entries: list[dict], **fields) -> dict:
     """Add ``entries`` to the record in ``path`` (replacing entries with the same stage, subcommand and
     checkpoint), set the top-level ``fields`` (e.g. ``method``), refresh the headline and write it atomically."""
     record = load_record(path)
-    same = lambda a, b: all(a.get(k) == b.get(k) for k in ("stage", "subcommand", "checkpoint"))
+    same = lambda a, b: _identity(a) == _identity(b)
     kept = [old for old in record[EVALUATIONS_KEY] if not any(same(old, new) for new in entries)]
     record = {k: v for k, v in record.items() if "/" not in k}  # headline numbers are recomputed below
     record.update(fields)
@@ -106,13 +107,38 @@ def add_evaluations(path: str | Path, entries: list[dict], **fields) -> dict:
     return record
 
 
+def _datasets(entry: dict) -> tuple[str, ...]:
+    """The datasets an evaluation scored (the second part of ``<stage>/<dataset>/...`` metric names)."""
+    return tuple(sorted({k.split("/")[1] for k in entry.get("metrics", {}) if k.count("/") >= 2}))
+
+
+def _identity(entry: dict) -> tuple:
+    return tuple(entry.get(k) for k in ("stage", "subcommand", "checkpoint")) + (_datasets(entry),)
+
+
 def select_evaluation(record: dict, stage: str, checkpoint: str = "best") -> dict:
     """The evaluation of ``stage`` that stands for the run.
 
     ``checkpoint="best"``: the newest evaluation of the best checkpoint, else of the last checkpoint, else the
     newest evaluation of the stage. ``"last"``: the newest of the last checkpoint. Anything else is a checkpoint
-    file name (or path relative to the run), whose newest evaluation is taken.
+    file name (or path relative to the run), whose newest evaluation is taken. The metrics of the same
+    checkpoint's evaluations on other datasets (same stage and subcommand) are merged in.
     """
+    chosen = _select_one(record, stage, checkpoint)
+    peers = [
+        e
+        for e in record.get(EVALUATIONS_KEY, [])
+        if _identity(e)[:3] == _identity(chosen)[:3] and _datasets(e) != _datasets(chosen)
+    ]
+    if not peers:
+        return chosen
+    metrics = {}
+    for entry in peers:  # older first, so that a dataset scored twice keeps its newest figures
+        metrics.update(entry["metrics"])
+    return {**chosen, "metrics": {**metrics, **chosen["metrics"]}}
+
+
+def _select_one(record: dict, stage: str, checkpoint: str) -> dict:
     candidates = [e for e in record.get(EVALUATIONS_KEY, []) if e.get("stage") == stage]
     if not candidates:
         raise MetricsRecordError(f"no {stage} evaluation recorded")

@@ -232,7 +232,12 @@ def localisation_metrics(predicted, true, iou_threshold: float = 0.5) -> dict[st
         raise ValueError(
             f"predicted and true must both be [N, 4] with the same N >= 1, got {predicted.shape} and {true.shape}"
         )
-    iou = box_iou(predicted, true)
+    return iou_summary(box_iou(predicted, true), iou_threshold)
+
+
+def iou_summary(iou, iou_threshold: float = 0.5) -> dict[str, float]:
+    """``{"iou_mean": ..., "iou@<threshold>": ...}`` of IoUs ``[N]`` (see :func:`localisation_metrics`)."""
+    iou = np.asarray(iou, dtype=np.float64)
     return {"iou_mean": float(iou.mean()), f"iou@{iou_threshold:g}": float(np.mean(iou > iou_threshold))}
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -267,6 +268,16 @@ def test_generation_is_skipped_until_the_spec_changes_or_the_marker_is_missing(t
     assert json.loads((tmp_path / MARKER).read_text())["spec"]["train_images_per_landmark"] == 2
     assert not any((tmp_path / image).exists() for image in old_train), "the old spec's images are removed"
     assert len(list((tmp_path / "gldv2/train").rglob("*.jpg"))) == 4 * 2
+
+
+def test_concurrent_generations_on_one_root_draw_it_once(tmp_path, monkeypatch):
+    drawn = []
+    draw = generated._draw
+    monkeypatch.setattr(generated, "_draw", lambda job, assets: drawn.append(job.image) or draw(job, assets))
+    # flock locks belong to each open() of the lock file, so two threads exclude each other as two runs would.
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: generate_landmark_benchmark(tmp_path, TINY), range(2)))
+    assert len(drawn) == 49 == len(set(drawn)) and is_generated(tmp_path, TINY)
 
 
 def test_an_interrupted_generation_is_redone_and_leaves_no_stale_files(tmp_path, monkeypatch):

@@ -57,6 +57,19 @@ def test_every_evaluation_is_kept_and_the_headline_is_the_best_checkpoints(tmp_p
         select_evaluation(record, "predict")
 
 
+def test_one_checkpoint_tested_on_two_benchmarks_keeps_both_and_reads_as_one_evaluation(tmp_path):
+    path, best = tmp_path / "metrics.json", "checkpoints/epoch001.ckpt"
+    add_evaluations(path, [evaluation("test", "test", best, ["best"], {"test/gldv2/private/mAP@100": 0.3})])
+    add_evaluations(path, [evaluation("test", "test", best, ["best"], {"test/roxford5k/medium/mAP": 0.6})])
+    add_evaluations(path, [evaluation("test", "test", best, ["best"], {"test/roxford5k/medium/mAP": 0.7})])
+    record = load_record(path)
+    assert len(record["evaluations"]) == 2, "the re-test on roxford5k replaces its entry, gldv2's stays"
+    expected = {"test/gldv2/private/mAP@100": 0.3, "test/roxford5k/medium/mAP": 0.7}
+    assert select_evaluation(record, "test")["metrics"] == expected
+    assert read_run(tmp_path, "test", "epoch001.ckpt").metrics == expected
+    assert {k: v for k, v in record.items() if k.startswith("test/")} == expected
+
+
 def test_without_a_best_checkpoint_the_last_then_the_newest_evaluation_stands_for_the_run(tmp_path):
     record = {"evaluations": [evaluation("val", "validate", "a.ckpt", [], val(0.1))]}
     assert select_evaluation(record, "val")["checkpoint"] == "a.ckpt"
