@@ -250,6 +250,24 @@ def test_write_back_changes_only_node_positions_and_pool_returns_the_same_nodes(
     torch.testing.assert_close(pooled.features, written)
 
 
+def test_a_closed_gate_on_the_update_leaves_the_map_and_on_the_input_empties_the_nodes():
+    features = torch.rand(2, 6, 4, 5)
+    for target in ("update", "input"):
+        module = _refinement(output="write_back", gate_target=target)
+        with torch.no_grad():
+            module.score.bias.fill_(-100.0)  # sigmoid gate 0 on every node
+        out = module(features)
+        nodes = out.node_indices[..., None].expand(-1, -1, 6)
+        written = out.features.flatten(2).transpose(1, 2).gather(1, nodes)
+        original = features.flatten(2).transpose(1, 2).gather(1, nodes)
+        if target == "update":
+            torch.testing.assert_close(out.features, features)
+        else:  # the GCN runs on zeros: every node gets the same ReLU(LayerNorm(0)) = ReLU(bias), zero at init
+            assert torch.equal(written, torch.zeros_like(written)) and not torch.equal(written, original)
+    with pytest.raises(ValueError, match="gate_target"):
+        _refinement(gate_target="output")
+
+
 def test_write_back_of_float32_nodes_into_a_bfloat16_map(monkeypatch):
     # Under CUDA autocast the backbone's map is bfloat16 and LayerNorm returns float32 nodes.
     module = _refinement(output="write_back")

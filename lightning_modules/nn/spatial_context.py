@@ -36,6 +36,7 @@ ConfidenceActivation = Literal["softplus", "sigmoid"]
 EdgeMode = Literal["spatial", "feature", "both"]
 ScoreGate = Literal["sigmoid", "softmax"]
 GraphOutput = Literal["write_back", "pool"]
+GateTarget = Literal["input", "update"]
 Smoothing = Literal["none", "average", "learnable"]
 Refinement = Literal["none", "gcn"]
 
@@ -277,7 +278,9 @@ class SpatialContextRefinement(nn.Module):
     3. Gate: the node features are multiplied by ``sigmoid(score)`` (or, ``score_gate="softmax"``, by
        ``N * softmax(scores)`` over the nodes, mean 1). The top-K selection itself has no gradient; the gate
        is how gradients reach the score conv, and it lets the model down-weight a selected node (like the
-       attention re-weighting of DELF/SOLAR before pooling).
+       attention re-weighting of DELF/SOLAR before pooling). ``gate_target="update"`` gates the GCN's change
+       instead: a node becomes ``x + gate * (GCN(x) - x)``, so a closed gate leaves the map as it was, which
+       gating the input cannot (a closed input gate empties the node, see the README's ablation).
     4. Edges (:func:`knn_adjacency`): each node joins its ``num_neighbors`` nearest nodes by a distance chosen
        with ``edge_mode``: ``spatial``, the Euclidean distance of the positions with both axes scaled by the
        longer side (so a step is as long along rows as along columns, on non-square maps too); ``feature``,
@@ -296,6 +299,7 @@ class SpatialContextRefinement(nn.Module):
         num_blocks: GCN blocks.
         output: ``write_back`` or ``pool``.
         score_gate: ``sigmoid`` or ``softmax``.
+        gate_target: ``input`` (the gate scales the node features entering the GCN) or ``update``.
     """
 
     def __init__(
@@ -308,6 +312,7 @@ class SpatialContextRefinement(nn.Module):
         num_blocks: int = 2,
         output: GraphOutput = "write_back",
         score_gate: ScoreGate = "sigmoid",
+        gate_target: GateTarget = "input",
     ):
         super().__init__()
         if num_nodes < 1 or num_neighbors < 0 or num_blocks < 0:
@@ -318,6 +323,9 @@ class SpatialContextRefinement(nn.Module):
             raise ValueError(f"output must be 'write_back' or 'pool', got {output!r}")
         if score_gate not in ("sigmoid", "softmax"):
             raise ValueError(f"score_gate must be 'sigmoid' or 'softmax', got {score_gate!r}")
+        if gate_target not in ("input", "update"):
+            raise ValueError(f"gate_target must be 'input' or 'update', got {gate_target!r}")
+        self.gate_target = gate_target
         self.num_nodes, self.num_neighbors, self.edge_mode = num_nodes, num_neighbors, edge_mode
         self.feature_weight, self.output, self.score_gate = feature_weight, output, score_gate
         self.score = nn.Conv2d(channels, 1, kernel_size=1)
@@ -351,13 +359,17 @@ class SpatialContextRefinement(nn.Module):
             gate = torch.sigmoid(node_scores)
         else:
             gate = node_scores.softmax(dim=1) * node_scores.shape[1]
-        nodes = gate.unsqueeze(-1) * (map_features + self.coordinate_embedding(coordinates))
+        nodes = map_features + self.coordinate_embedding(coordinates)
+        if self.gate_target == "input":
+            nodes = gate.unsqueeze(-1) * nodes
         adjacency, neighbor_indices = knn_adjacency(
             self.edge_distances(map_features, node_indices, height, width), self.num_neighbors
         )
         adjacency = adjacency.to(nodes.dtype)
         for block in self.blocks:
             nodes = block(nodes, adjacency)
+        if self.gate_target == "update":
+            nodes = map_features + gate.unsqueeze(-1) * (nodes - map_features)
         if self.output == "write_back":
             # Under CUDA autocast the map is bfloat16 and LayerNorm returns float32 nodes: write back in the wider.
             dtype = torch.promote_types(flat.dtype, nodes.dtype)
@@ -465,7 +477,7 @@ class SpatialContextPooling(nn.Module):
         refinement: ``none`` or ``gcn``.
         kernel_size, kernel_dim, smoothing_residual, confidence_activation, normalize_kernel_features:
             :class:`LearnableSmoothing` (``kernel_size`` and ``smoothing_residual`` also :class:`AverageSmoothing`).
-        num_nodes, num_neighbors, edge_mode, feature_weight, num_gcn_blocks, graph_output, score_gate:
+        num_nodes, num_neighbors, edge_mode, feature_weight, num_gcn_blocks, graph_output, score_gate, gate_target:
             :class:`SpatialContextRefinement`.
         gem_p, learn_p, per_channel_p, normalize_before_whitening: :class:`GlobalHead`.
     """
@@ -488,6 +500,7 @@ class SpatialContextPooling(nn.Module):
         num_gcn_blocks: int = 2,
         graph_output: GraphOutput = "write_back",
         score_gate: ScoreGate = "sigmoid",
+        gate_target: GateTarget = "input",
         gem_p: float = 3.0,
         learn_p: bool = True,
         per_channel_p: bool = False,
@@ -506,7 +519,15 @@ class SpatialContextPooling(nn.Module):
             raise ValueError(f"smoothing must be 'none', 'average' or 'learnable', got {smoothing!r}")
         if refinement == "gcn":
             self.refinement = SpatialContextRefinement(
-                in_dim, num_nodes, num_neighbors, edge_mode, feature_weight, num_gcn_blocks, graph_output, score_gate
+                in_dim,
+                num_nodes,
+                num_neighbors,
+                edge_mode,
+                feature_weight,
+                num_gcn_blocks,
+                graph_output,
+                score_gate,
+                gate_target,
             )
         elif refinement == "none":
             self.refinement = None
