@@ -27,16 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, newest_finished_run  # noqa: E402
+from lightning_modules.spatial_context import ABLATIONS as VARIANTS  # noqa: E402
 from reporting.run_results import read_run  # noqa: E402
 from retrieval.files import write_text_atomic  # noqa: E402
 
-VARIANTS = {
-    "plain_gem": {"smoothing": "none", "refinement": "none"},
-    "average_smoothing": {"smoothing": "average", "refinement": "none"},
-    "learnable_smoothing": {"smoothing": "learnable", "refinement": "none"},
-    "gcn": {"smoothing": "none", "refinement": "gcn"},
-    "learnable_smoothing_gcn": {"smoothing": "learnable", "refinement": "gcn"},
-}
 # Data options of the training datamodule that the Revisited-layout datamodule does not take.
 TRAINING_ONLY = (
     "--data.init_args.train_augmentation",

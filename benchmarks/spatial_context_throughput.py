@@ -27,14 +27,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {
-    "plain GeM": {"smoothing": "none", "refinement": "none"},
-    "average smoothing": {"smoothing": "average", "refinement": "none"},
-    "learnable smoothing": {"smoothing": "learnable", "refinement": "none"},
-    "GCN": {"smoothing": "none", "refinement": "gcn"},
-    "learnable smoothing + GCN": {"smoothing": "learnable", "refinement": "gcn"},
-}
-
 
 def build(args, pooling: dict):
     from lightning_modules import SpatialContextRetrieval
@@ -157,13 +149,15 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     print(f"{args.backbone}, batch {args.batch_size} x {args.image_size} px, {args.device}, {args.precision}")
-    for name, pooling in VARIANTS.items():
+    from lightning_modules.spatial_context import ABLATIONS
+
+    for name, pooling in ABLATIONS.items():
         seconds = bare_loop(args, build(args, pooling), data)
         results["variants"][name] = args.batch_size / seconds
-    plain = results["variants"]["plain GeM"]
+    plain = results["variants"]["plain_gem"]
     for name, rate in results["variants"].items():
         print(f"  {name:28s} {rate:8.1f} images/s  ({rate / plain:.2f} x plain GeM)")
-    full = VARIANTS["learnable smoothing + GCN"]
+    full = ABLATIONS["learnable_smoothing_gcn"]
     bare, lightning = bare_loop(args, build(args, full), data), lightning_fit(args, build(args, full), data)
     results["bare_loop_images_per_s"], results["lightning_images_per_s"] = (
         args.batch_size / bare,

@@ -27,6 +27,14 @@ from lightning_modules.nn.margin_heads import ArcFace, ContiguousLabels, CosFace
 from lightning_modules.nn.spatial_context import SpatialContextPooling
 
 MarginHead = Literal["arcface", "cosface"]
+#: The slides' ablations as ``pooling`` settings, by name (the benchmarks train and time each of them).
+ABLATIONS = {
+    "plain_gem": {"smoothing": "none", "refinement": "none"},
+    "average_smoothing": {"smoothing": "average", "refinement": "none"},
+    "learnable_smoothing": {"smoothing": "learnable", "refinement": "none"},
+    "gcn": {"smoothing": "none", "refinement": "gcn"},
+    "learnable_smoothing_gcn": {"smoothing": "learnable", "refinement": "gcn"},
+}
 LABEL_MAP_PREFIX = "label_map."
 
 
