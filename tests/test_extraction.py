@@ -4,6 +4,7 @@ resume after a kill, 1 vs 2 processes) and the end-to-end path from images to a 
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -139,12 +140,25 @@ trainer:
 DATABASE_SIZES = [(64, 48), (48, 64), (64, 64)]
 
 
-@pytest.fixture
-def revisited_layout(tmp_path):
+@pytest.fixture(scope="module")
+def revisited_layout(tmp_path_factory):
+    """The images, shared by the tests of this module (each writes its configs, stores and runs under its own
+    names next to them)."""
+    root = tmp_path_factory.mktemp("revisited_layout")
     for name in ("roxford5k", "rparis6k"):
-        write_revisited(tmp_path / "data/revisited", name, num_database=9, gnd=GND, database_sizes=DATABASE_SIZES)
-    write_distractors(tmp_path / "data/revisited", 6)
-    return tmp_path
+        write_revisited(root / "data/revisited", name, num_database=9, gnd=GND, database_sizes=DATABASE_SIZES)
+    write_distractors(root / "data/revisited", 6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_stores(revisited_layout):
+    """``features/one``: one ``predict`` on one process with batches of 1, never interrupted, run once for the
+    module: the reference of the runs that crash, are killed or run on two processes, and the input of the
+    end-to-end test."""
+    config = write_extraction_config(revisited_layout / "one.yaml", output_dir="features/one")
+    run_cli("predict", "--config", str(config), cwd=revisited_layout, env={"HF_HUB_OFFLINE": "1"})
+    return revisited_layout / "features/one"
 
 
 def read_stores(directory) -> dict:
@@ -169,9 +183,42 @@ LISTS = ["roxford5k_query", "roxford5k_database", "rparis6k_query", "rparis6k_da
 FAIL_AT_END = "  callbacks:\n    - class_path: helpers.FailAtPredictEnd\n"
 
 
+def killed_then_resumed(workdir):
+    """``predict`` into ``features/killed`` killed after 20 of the 30 images (SIGKILL: no clean-up), then run
+    again: the killed run, the files it left, and the resuming run."""
+    killed = write_extraction_config(
+        workdir / "killed.yaml",
+        output_dir="features/killed",
+        extra_trainer="  callbacks:\n    - class_path: helpers.KillAtPredictBatch\n      init_args: {batches: 20}\n",
+    )
+    killed_run = run_cli("predict", "--config", str(killed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
+    left = sorted(p.name for p in (workdir / "features/killed").iterdir())
+    config_resume = write_extraction_config(workdir / "resume.yaml", output_dir="features/killed")
+    resumed = run_cli("predict", "--config", str(config_resume), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+    return killed_run, left, resumed
+
+
 @pytest.mark.slow
-def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a_kill(revisited_layout):
+def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a_kill(
+    revisited_layout, uninterrupted_stores
+):
     workdir = revisited_layout
+    # The kill and its resume (their own output directory) run meanwhile: these runs are mostly start-up.
+    with ThreadPoolExecutor(1) as pool:
+        killed_then_resumed_runs = pool.submit(killed_then_resumed, workdir)
+        stores = crash_after_the_last_row_then_resume_then_run_again(workdir, uninterrupted_stores)
+        killed, partial, resumed = killed_then_resumed_runs.result()
+
+    # Killed after 20 of the 30 images (SIGKILL: no clean-up), then resumed: the same files as uninterrupted.
+    assert killed.returncode == -9
+    assert "roxford5k_database.h5.partial" in partial and "revisitop1m.h5" not in partial
+    assert "resuming extraction: 20 of 30 images already written" in resumed.stdout + resumed.stderr
+    assert_same_stores(read_stores(workdir / "features/killed"), stores)
+
+
+def crash_after_the_last_row_then_resume_then_run_again(workdir, uninterrupted_stores) -> dict:
+    """``predict`` into ``features/tiny/revisited`` crashed after the last row, run again, and once more: checked
+    after each run; returns the stores."""
     # With loader workers (2): a crash after the last row was written leaves only .partial files ...
     crashed = write_extraction_config(workdir / "crashed.yaml", extra_trainer=FAIL_AT_END)
     result = run_cli("predict", "--config", str(crashed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
@@ -191,6 +238,8 @@ def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a
     assert sorted(stores) == sorted(
         [f"{n}.h5" for n in LISTS] + ["roxford5k+1m_neighbours.h5", "rparis6k+1m_neighbours.h5"]
     )
+    # Crashed after the last row and finished by the second run: the same files as a run never interrupted.
+    assert_same_stores(stores, read_stores(uninterrupted_stores))
     # Reload: the rows are the module's descriptors of the images, in list order.
     from datamodules import RevisitedOxfordParis
 
@@ -218,53 +267,35 @@ def test_extraction_writes_stores_that_reload_bit_identically_and_resume_after_a
     result = run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
     assert "already written" in result.stdout + result.stderr
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if "neighbours" not in p.name}
-
-    # Killed after 20 of the 30 images (SIGKILL: no clean-up), then resumed: the same files as uninterrupted.
-    killed = write_extraction_config(
-        workdir / "killed.yaml",
-        output_dir="features/killed",
-        extra_trainer="  callbacks:\n    - class_path: helpers.KillAtPredictBatch\n      init_args: {batches: 20}\n",
-    )
-    result = run_cli("predict", "--config", str(killed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
-    assert result.returncode == -9
-    partial = sorted(p.name for p in (workdir / "features/killed").iterdir())
-    assert "roxford5k_database.h5.partial" in partial and "revisitop1m.h5" not in partial
-    config_resume = write_extraction_config(workdir / "resume.yaml", output_dir="features/killed")
-    result = run_cli("predict", "--config", str(config_resume), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
-    assert "resuming extraction: 20 of 30 images already written" in result.stdout + result.stderr
-    assert_same_stores(read_stores(workdir / "features/killed"), stores)
+    return stores
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_write_identical_stores(revisited_layout):
-    """One process with batches of 1; two processes with batches of 4 formed by image shape (any order within
-    a process's block), crashed after the last batch and resumed: the same stores, the two-process ones
-    joining the shards without copying them."""
+def test_one_and_two_processes_write_identical_stores(revisited_layout, uninterrupted_stores):
+    """One process with batches of 1 (``uninterrupted_stores``); two processes with batches of 4 formed by image
+    shape (any order within a process's block), crashed after the last batch and resumed: the same stores, the
+    two-process ones joining the shards without copying them."""
     workdir = revisited_layout
     ddp = "  accelerator: cpu\n  devices: 2\n  strategy: ddp\n"
-    one = write_extraction_config(workdir / "one.yaml", output_dir="features/one")
     crashed = write_extraction_config(
         workdir / "crash2.yaml", output_dir="features/two", batch_size=4, extra_trainer=ddp + FAIL_AT_END
     )
     two = write_extraction_config(workdir / "two.yaml", output_dir="features/two", batch_size=4, extra_trainer=ddp)
-    run_cli("predict", "--config", str(one), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
     result = run_cli("predict", "--config", str(crashed), cwd=workdir, env={"HF_HUB_OFFLINE": "1"}, check=False)
     assert result.returncode != 0 and not list((workdir / "features/two").glob("*.h5"))
     result = run_cli("predict", "--config", str(two), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
     assert "resuming extraction: 30 of 30 images already written" in result.stdout + result.stderr
-    assert_same_stores(read_stores(workdir / "features/one"), read_stores(workdir / "features/two"))
+    assert_same_stores(read_stores(uninterrupted_stores), read_stores(workdir / "features/two"))
     joined = FeatureStore(workdir / "features/two/roxford5k_database.h5")
     assert [p.name for p in joined.sources] == [f"roxford5k_database.rank{r}of2.h5" for r in range(2)]
-    single = FeatureStore(workdir / "features/one/roxford5k_database.h5")
+    single = FeatureStore(uninterrupted_stores / "roxford5k_database.h5")
     assert np.array_equal(joined.global_descriptors(), single.global_descriptors())
     assert np.array_equal(joined.local_descriptors([8, 0, 4]), single.local_descriptors([8, 0, 4]))
 
 
 @pytest.mark.slow
-def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_layout):
-    workdir = revisited_layout
-    config = write_extraction_config(workdir / "extract.yaml")
-    run_cli("predict", "--config", str(config), cwd=workdir, env={"HF_HUB_OFFLINE": "1"})
+def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_layout, uninterrupted_stores):
+    workdir = revisited_layout  # the images were extracted by the command line into uninterrupted_stores
     (workdir / "aesvc.yaml").write_text(
         """
 seed_everything: 0
@@ -275,7 +306,7 @@ data:
   class_path: datamodules.RevisitedOxfordParis
   init_args:
     root: data/revisited
-    features: features/tiny/revisited
+    features: features/one
     train_on: revisitop1m
     batch_size: 6
 trainer:

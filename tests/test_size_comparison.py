@@ -3,6 +3,7 @@ fidelity checks of (SS)2D on the embedded benchmark."""
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import lightning.pytorch as pl
 import pytest
@@ -47,17 +48,30 @@ def test_plot_is_written_as_a_png(tmp_path):
         plot_size_curves({"A": {}}, tmp_path / "empty.png")
 
 
+def run_cli_together(*runs: tuple[list[str], dict | None], cwd):
+    """Independent command-line runs ``(arguments, environment)``, started at the same time (one imports while
+    the other works: small runs are mostly start-up); each must succeed."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run_cli, *arguments, cwd=cwd, env=env) for arguments, env in runs]
+        return [future.result() for future in futures]
+
+
 @pytest.mark.slow
-def test_size_comparison_from_the_command_line(tmp_path):
+def test_size_comparison_from_the_command_line(tmp_path, monkeypatch, capsys):
     """Teacher -> (SS)2D on 1 and 2 processes (logging to W&B offline) -> PCA prefix -> `compare` over run
-    directories and W&B."""
+    directories and W&B (through the command line's entry point, in this process: `compare` only reads)."""
+    from lightning_modules.cli import main as cli_main
+
     small = [*SMALL_BENCHMARK, *QUIET, "--trainer.max_epochs=2"]
     run_cli("fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), *small, cwd=tmp_path)
     # float64 (the teacher follows the run's precision), so 1 and 2 processes can be compared exactly
     ss2d = ["fit", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *small, "--trainer.precision=64-true"]
     ss2d += ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
-    run_cli(*ss2d, "--trainer.devices=1", cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    run_cli(*ss2d, "--trainer.devices=2", "--trainer.default_root_dir=runs/ss2d_two", cwd=tmp_path)
+    run_cli_together(
+        ([*ss2d, "--trainer.devices=1"], {"WANDB_MODE": "offline"}),
+        ([*ss2d, "--trainer.devices=2", "--trainer.default_root_dir=runs/ss2d_two"], None),
+        cwd=tmp_path,
+    )
     one_process = read_run(tmp_path / "runs/ss2d/embedded/version_0")
     # The teacher is the AE-SVC run's best checkpoint, recorded with its hash in the student's run.
     teacher_run = tmp_path / "runs/aesvc/embedded/version_0"
@@ -68,7 +82,6 @@ def test_size_comparison_from_the_command_line(tmp_path):
         "sha256": hashlib.sha256(best.read_bytes()).hexdigest(),
     }
     assert read_run(tmp_path / "runs/ss2d_two/version_0").metrics == one_process.metrics
-    run_cli("fit", "--config", str(CONFIGS / "pca_prefix/embedded.yaml"), *SMALL_BENCHMARK, *QUIET, cwd=tmp_path)
     ss2d_run = tmp_path / "runs/ss2d/embedded/version_0"
     metrics = json.loads((ss2d_run / "metrics.json").read_text())
     assert metrics["method"] == "(SS)2D"
@@ -76,16 +89,12 @@ def test_size_comparison_from_the_command_line(tmp_path):
         assert 0.0 < metrics[f"val/embedded/mAP@100@d{size}"] <= 1.0
     assert metrics["val/embedded/mAP@100"] == metrics["val/embedded/mAP@100@d256"]
     assert (ss2d_run / "size_curves_val.png").read_bytes()[:8] == PNG_MAGIC
-    # Predict writes the largest size, and says which columns form each size.
-    run_cli(
-        "predict",
-        "--config",
-        str(CONFIGS / "ss2d/embedded.yaml"),
-        *SMALL_BENCHMARK,
-        *QUIET,
-        "--ckpt_path",
-        str(ss2d_run / "checkpoints/last.ckpt"),
-        "--data.init_args.predict_split=val_query",
+    # PCA prefix; meanwhile predict writes the largest size, and says which columns form each size.
+    predict = ["predict", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *SMALL_BENCHMARK, *QUIET]
+    predict += ["--ckpt_path", str(ss2d_run / "checkpoints/last.ckpt"), "--data.init_args.predict_split=val_query"]
+    run_cli_together(
+        (["fit", "--config", str(CONFIGS / "pca_prefix/embedded.yaml"), *SMALL_BENCHMARK, *QUIET], None),
+        (predict, None),
         cwd=tmp_path,
     )
     store = FeatureStore(ss2d_run / "embeddings/val_query.h5")
@@ -93,29 +102,34 @@ def test_size_comparison_from_the_command_line(tmp_path):
     # The offline W&B run holds the same record (the copy of metrics.json among its files).
     logged = read_run(ss2d_run / "wandb")
     assert logged.metrics == one_process.metrics and logged.method == "(SS)2D"
-    result = run_cli(
-        "compare",
-        "AE-SVC truncated=runs/aesvc/embedded",
-        str(ss2d_run / "wandb"),
-        "runs/pca_prefix/embedded",
-        "--metric",
-        "embedded/mAP@100",
-        "--output",
-        "docs/sizes.png",
-        "--table",
-        "docs/sizes.md",
-        cwd=tmp_path,
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    cli_main(
+        [
+            "compare",
+            "AE-SVC truncated=runs/aesvc/embedded",
+            str(ss2d_run / "wandb"),
+            "runs/pca_prefix/embedded",
+            "--metric",
+            "embedded/mAP@100",
+            "--output",
+            "docs/sizes.png",
+            "--table",
+            "docs/sizes.md",
+        ]
     )
+    result = capsys.readouterr()
     table = (tmp_path / "docs/sizes.md").read_text()
     assert table.splitlines()[0] == "| embedded/mAP@100 | d8 | d16 | d32 | d64 | d128 | d256 |"
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert set(rows) == {"AE-SVC truncated", "(SS)2D", "PCA"}
     assert f"{metrics['val/embedded/mAP@100@d8']:.4f}" in rows["(SS)2D"]
-    assert table.strip() in result.stdout
-    assert f"(SS)2D: {ss2d_run / 'wandb'}" in result.stdout and "val of best" in result.stdout
+    assert table.strip() in result.out
+    assert f"(SS)2D: {ss2d_run / 'wandb'}" in result.out and "val of best" in result.out
     assert (tmp_path / "docs/sizes.png").read_bytes()[:8] == PNG_MAGIC
-    bad = run_cli("compare", "runs/nothing", cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "runs/nothing does not exist" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        cli_main(["compare", "runs/nothing"])
+    assert bad.value.code == 2 and "runs/nothing does not exist" in capsys.readouterr().err
 
 
 # ---- fidelity of (SS)2D on the embedded benchmark ---------------------------------------------------------------
