@@ -24,6 +24,7 @@ one colour per map) and logged to W&B as images. Rank 0 does the work and shares
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -101,7 +102,7 @@ class LocalisationCheck(pl.Callback):
             truth = self._true_boxes(datamodule)
             for name, dataset in datamodule.revisited.items():
                 records, drawn = self._check_set(trainer, pl_module, datamodule, dataset, truth, directory / name)
-                write_text_atomic(directory / f"{name}.json", _json(records))
+                write_text_atomic(directory / f"{name}.json", json.dumps({"images": records}, indent=1) + "\n")
                 metrics.update(self._metrics(records, stage, name))
                 self._log_images(trainer, f"{stage}/{name}/localisation", drawn)
         return trainer.strategy.broadcast(metrics, src=0)
@@ -238,9 +239,3 @@ def _box_descriptor(feature, box) -> np.ndarray:
     selected = cells[:, inside_y][:, :, inside_x].reshape(channels, -1).T
     norms = np.linalg.norm(selected, axis=1, keepdims=True)
     return (selected / np.where(norms > 0, norms, 1)).mean(axis=0)
-
-
-def _json(records: list[dict]) -> str:
-    import json
-
-    return json.dumps({"images": records}, indent=1) + "\n"
