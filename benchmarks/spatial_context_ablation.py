@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from cli_runs import REPO, cli, fit_once, split_overrides
 
-from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, newest_finished_run  # noqa: E402
 from lightning_modules.spatial_context import ABLATIONS as VARIANTS  # noqa: E402
 from reporting.run_results import read_run  # noqa: E402
 from retrieval.files import write_text_atomic  # noqa: E402
@@ -38,18 +33,6 @@ TRAINING_ONLY = (
     "--data.init_args.batch_size",
 )
 RESULT = "ablation_result.json"
-
-
-def cli(subcommand: str, *args: str, log: Path) -> None:
-    command = [sys.executable, "-m", "lightning_modules.cli", subcommand, *args]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    environment.pop("RETRIEVAL_RUN_DIR", None)  # each command chooses its own run directory
-    with open(log, "a") as output:
-        output.write(f"$ {' '.join(command)}\n")
-        output.flush()
-        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
-    if result.returncode != 0:
-        raise RuntimeError(f"{subcommand} failed ({result.returncode}); see {log}")
 
 
 def training_objective(run: Path, checkpoint: Path, batches: int | None = None) -> dict:
@@ -107,14 +90,8 @@ def run_variant(name: str, args, overrides: list[str]) -> dict:
     pooling = [f"--model.init_args.pooling.{key}={value}" for key, value in VARIANTS[name].items()]
     common = ["--config", str(args.config), f"--trainer.default_root_dir={directory}", *pooling, *overrides]
     started = time.time()
-    run = newest_finished_run(directory)
-    if run is None:
-        unfinished = sorted(directory.glob(f"version_*/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
-        resume = ["--ckpt_path", "last"] if unfinished else []
-        cli("fit", *common, *resume, log=log)
-        run = newest_finished_run(directory)
+    run, checkpoint = fit_once(directory, *common, log=log)
     fit_seconds = time.time() - started
-    checkpoint = best_checkpoint(run)
     relative = str(checkpoint.relative_to(run))
     cli("test", *common, "--ckpt_path", str(checkpoint), log=log)
     revisited = [o for o in overrides if not o.startswith(TRAINING_ONLY)]
@@ -162,9 +139,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs/spatial_context/generated_landmarks.yaml")
     parser.add_argument(

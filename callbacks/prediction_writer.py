@@ -19,6 +19,11 @@ are written to ``<output_dir>/<name>.h5`` (layout: :mod:`retrieval.feature_store
   joining them, neighbours) runs at the end of every successful ``predict``, also when nothing was left
   to predict, so a command that exits 0 leaves every store complete; a shard that is still incomplete
   then is an error.
+* **Boxes**: a module that predicts boxes (``{"index", "boxes", "scores"}``: per example ``[n, 4]`` ``ymin xmin
+  ymax xmax`` normalised to the image and ``[n]`` scores, the landmark detector) gets
+  ``<output_dir>/<name>.boxes.csv`` (``id,box,score``, :func:`datamodules.landmark_boxes.write_scored_boxes`),
+  gathered by index on rank 0 and written atomically once all are predicted (not resumable: boxes are cheap
+  next to descriptors). A module with ``writes_feature_stores = False`` writes no feature store.
 * **Neighbours**: with ``neighbours=m``, rank 0 also writes, per evaluation set of the datamodule whose
   lists are all stored, the global top-``m`` database neighbours of every query
   (``<output_dir>/<eval set>_neighbours.h5``: ``scores`` and ``indices`` ``[num_queries, m]`` with the
@@ -34,9 +39,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.landmark_boxes import write_scored_boxes
 from datamodules.sampling import contiguous_block
 from lightning_modules.base import sum_over_processes
 from retrieval.feature_store import (
@@ -50,6 +57,7 @@ from retrieval.feature_store import (
 from retrieval.neighbours import build_neighbours, describe_neighbours, write_neighbours
 
 SHARD_DIR = ".shards"
+BOXES_SUFFIX = ".boxes.csv"
 
 
 class PredictionWriter(pl.Callback):
@@ -87,8 +95,13 @@ class PredictionWriter(pl.Callback):
             }
         )
         self._writers, self._images, self._start = {}, 0, time.perf_counter()
+        self._stores = getattr(pl_module, "writes_feature_stores", True)
+        self._boxes: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in self._names}
         todo = {}
         for name, block in self._blocks.items():
+            if not self._stores:
+                todo[name] = list(block)  # boxes only: predicted whole every time
+                continue
             if (self._dir / f"{name}.h5").is_file() or self._shard_path(name).is_file():
                 todo[name] = []  # already complete
                 continue
@@ -110,6 +123,13 @@ class PredictionWriter(pl.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         name = self._names[dataloader_idx]
         index = outputs["index"].detach().cpu().numpy()
+        if "boxes" in outputs:
+            for i, boxes, scores in zip(index.tolist(), outputs["boxes"], outputs["scores"]):
+                self._boxes[name][i] = (_numpy(boxes).reshape(-1, 4), _numpy(scores).reshape(-1))
+        if not self._stores or "embeddings" not in outputs:
+            self._images += len(index)
+            self._show_speed(trainer)
+            return
         embeddings = outputs["embeddings"].detach().float().cpu().numpy()
         local = outputs.get("local")
         local = None if local is None else local.detach().float().cpu().numpy()
@@ -146,9 +166,40 @@ class PredictionWriter(pl.Callback):
         if stage != "predict":
             return
         self._writers = {}
+        # Decided together: every process joins the gathering, also one that predicted nothing.
+        if not self._stores or _sum_over_processes(trainer, [any(self._boxes.values())])[0]:
+            self._write_boxes(trainer)
+        if not self._stores:
+            return
         # Each step runs on every process, then all learn whether any failed, so none waits for the others forever.
         _on_every_process(trainer, self._finish_own_shards)
         _on_every_process(trainer, lambda: self._join_and_report(trainer) if trainer.is_global_zero else None)
+
+    def _write_boxes(self, trainer) -> None:
+        """Gather every process's boxes on rank 0 and write ``<name>.boxes.csv`` per predicted dataset."""
+        boxes = self._boxes
+        if self._world > 1:
+            everyone = [None] * self._world if trainer.is_global_zero else None
+            dist.gather_object(boxes, everyone, dst=0)
+            if trainer.is_global_zero:
+                boxes = {name: {i: v for part in everyone for i, v in part[name].items()} for name in self._names}
+        _on_every_process(trainer, lambda: self._write_box_files(boxes) if trainer.is_global_zero else None)
+
+    def _write_box_files(self, boxes: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]) -> None:
+        lines = []
+        for name in self._names:
+            dataset, found = self._datasets[name], boxes[name]
+            if len(found) != len(dataset):
+                raise RuntimeError(
+                    f"predict: boxes of {len(found)} of the {len(dataset)} images of '{name}' were predicted; every "
+                    "image must be predicted once (do not limit predict batches, e.g. limit_predict_batches)"
+                )
+            ids = _ids(dataset)
+            path = self._dir / f"{name}{BOXES_SUFFIX}"
+            rows = write_scored_boxes(path, [(ids[i], *found[i]) for i in range(len(dataset))])
+            with_boxes = sum(1 for b, _ in found.values() if len(b))
+            lines.append(f"  {path} ({rows} boxes on {with_boxes} of {len(dataset)} images)")
+        rank_zero_info("predict wrote:\n" + "\n".join(lines))
 
     def _finish_own_shards(self) -> None:
         """Rename this process's complete shards (rows written now or before an interruption)."""
@@ -241,6 +292,10 @@ def _describe(item) -> str:
             parts.append(f"joined from {len(item.sources)} shards in {SHARD_DIR}/")
         return f"{item.path} ({', '.join(parts)})"
     return describe_neighbours(item)
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
 
 
 def _ids(dataset) -> list[str]:

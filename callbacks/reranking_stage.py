@@ -185,7 +185,8 @@ def _use_recorded_fusion(trainer, module) -> None:
         raise ValueError(
             f"{type(module).__name__}: the fusion weights were never tuned on a validation split (tune_fusion is set, "
             f"and neither the checkpoint nor {path} holds tuned values): run `validate` first with the same "
-            "checkpoint, or set model.init_args.tune_fusion=false to apply fusion_weight and fusion_temperature"
+            "checkpoint (without a checkpoint, in the same run directory: RETRIEVAL_RUN_DIR=<run> for both), or set "
+            "model.init_args.tune_fusion=false to apply fusion_weight and fusion_temperature"
         )
     record = json.loads(path.read_text())[-1]
     module.set_fusion(record["lambda"], record["gamma"], record["depth"])

@@ -4,7 +4,8 @@ During validation and test it collects each process's ``{"index", "embeddings"}`
 them on rank 0 by global index (dropping the padding repeats and sorting), has rank 0 search and
 score every evaluation set with its ground truth, shares the numbers with all processes and logs them as
 ``<stage>/<eval set>/<metric>``. Because the gathered embeddings are the same whatever the number of
-processes, 1 and N processes log the same metrics.
+processes, 1 and N processes log the same metrics. Metrics that are not retrieval metrics (the landmark
+detector's box mAP: :meth:`RetrievalModule.evaluation_metrics`) are logged and recorded with them.
 
 For a method with embeddings of several sizes (:meth:`RetrievalModule.size_views`) every size is scored
 from the same gathered embeddings and logged as ``<stage>/<eval set>/<metric>@d<size>``.
@@ -75,8 +76,8 @@ class RetrievalEvaluation(pl.Callback):
     on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking:
-            return
+        if trainer.sanity_checking or not outputs or "embeddings" not in outputs:
+            return  # no embeddings: a module scored by its own evaluation_metrics (the landmark detector)
         self._outputs[dataloader_idx].append((outputs["index"].detach().cpu(), outputs["embeddings"].detach().cpu()))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -108,6 +109,8 @@ class RetrievalEvaluation(pl.Callback):
         for callback in trainer.callbacks:
             if hasattr(callback, "evaluation_metrics"):
                 metrics.update(callback.evaluation_metrics(trainer, pl_module, stage))
+        # And the module's own non-retrieval metrics (e.g. the landmark detector's box mAP).
+        metrics.update(pl_module.evaluation_metrics(stage))
         for key, value in metrics.items():
             # Values are identical on all processes; sync_dist only keeps Lightning's epoch logging consistent.
             pl_module.log(key, value, sync_dist=True)

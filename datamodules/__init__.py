@@ -5,6 +5,7 @@ from datamodules.embedded import EmbeddedBenchmark, EmbeddedBenchmarkSpec, gener
 from datamodules.feature_store import EmbeddingDataset, LabelledFeatureStores
 from datamodules.gldv2 import GoogleLandmarksV2
 from datamodules.images import ImageBenchmark, ImageList, ImageListDataset
+from datamodules.landmark_boxes import LandmarkBoxes
 from datamodules.pittsburgh import Pittsburgh30k
 from datamodules.revisited import RevisitedOxfordParis
 from datamodules.sop import StanfordOnlineProducts
@@ -19,6 +20,7 @@ __all__ = [
     "ImageList",
     "ImageListDataset",
     "LabelledFeatureStores",
+    "LandmarkBoxes",
     "Pittsburgh30k",
     "RetrievalDataModule",
     "RevisitedOxfordParis",

@@ -56,7 +56,8 @@ unchanged)::
 
 Boxes files are in the Google Landmark Boxes format of Detect-to-Retrieve (``boxes_split1.csv`` /
 ``boxes_split2.csv``): header ``id,box``, one row per box, ``box`` = ``ymin xmin ymax xmax`` normalised to [0, 1]
-by the image's height and width (read with :func:`read_landmark_boxes`). Images without a landmark have no row.
+by the image's height and width (read with :func:`datamodules.landmark_boxes.read_landmark_boxes`). Images without a
+landmark have no row. :class:`GeneratedLandmarkBoxes` trains and validates the landmark detector on them.
 
 Landmark ids: training ``0 .. train_landmarks - 1``, then the queried GLDv2 landmarks, the GLDv2 index
 distractors (landmarks no query asks for), the Revisited landmarks and the Revisited distractors, all disjoint, so
@@ -108,6 +109,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.gldv2 import GoogleLandmarksV2, image_path
+from datamodules.landmark_boxes import BOX_FILES, BOXES_HEADER, LandmarkBoxes, read_landmark_boxes
 from datamodules.layout import DatasetFormatError, read_csv_rows, require_file
 from datamodules.revisited import RevisitedOxfordParis
 
@@ -116,9 +118,6 @@ VIEWS = "views.csv"
 LOCK = ".generation.lock"
 GENERATOR = "generated_landmarks"
 FORMAT_VERSION = 1  # bump when the drawing changes, so stored benchmarks are regenerated
-BOXES_HEADER = ["id", "box"]
-BOXES_FORMAT = "header id,box; box = 'ymin xmin ymax xmax' normalised to [0, 1] by the image height and width"
-BOX_FILES = ("boxes_split1.csv", "boxes_split2.csv", "boxes_eval.csv")
 VIEW_COLUMNS = [
     "image",
     "split",
@@ -1022,31 +1021,6 @@ def _generate(root: Path, spec: GeneratedLandmarksSpec) -> None:
 # ---- readers -------------------------------------------------------------------------------------------------------
 
 
-def read_landmark_boxes(path: str | Path) -> dict[str, np.ndarray]:
-    """A Google-Landmark-Boxes-style CSV (header ``id,box``; ``box`` = ``ymin xmin ymax xmax`` normalised to [0, 1];
-    one row per box) as ``{id: [n, 4] float64}``, rows of an id in file order. Errors name the file and the line."""
-    path = require_file(path, "Landmark boxes", f"{path}: {BOXES_FORMAT}")
-    boxes: dict[str, list[list[float]]] = {}
-    for line, row in read_csv_rows(path, BOXES_HEADER, "Landmark boxes"):
-        image_id, text = row["id"].strip(), row["box"]
-        if not image_id:
-            raise DatasetFormatError(f"{path}:{line}: empty id; expected {BOXES_FORMAT}")
-        try:
-            values = [float(v) for v in text.split()]
-        except ValueError:
-            values = []
-        if len(values) != 4 or not all(math.isfinite(v) for v in values):
-            raise DatasetFormatError(f"{path}:{line}: box {text!r} is not four numbers; expected {BOXES_FORMAT}")
-        ymin, xmin, ymax, xmax = values
-        if not (0 <= ymin < ymax <= 1 and 0 <= xmin < xmax <= 1):
-            raise DatasetFormatError(
-                f"{path}:{line}: box {text!r} is not inside [0, 1] with ymin < ymax and xmin < xmax; "
-                f"expected {BOXES_FORMAT}"
-            )
-        boxes.setdefault(image_id, []).append(values)
-    return {image_id: np.array(rows, dtype=np.float64) for image_id, rows in boxes.items()}
-
-
 def _write_views(path: Path, views: list[View]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -1172,6 +1146,43 @@ class GeneratedLandmarksRevisited(RevisitedOxfordParis):
     def true_boxes(self) -> Path:
         """The landmark box of every Revisited-layout image (``id`` = image name), for the localisation check."""
         return self.benchmark_root / "boxes" / BOX_FILES[2]
+
+
+class GeneratedLandmarkBoxes(LandmarkBoxes):
+    """The generated benchmark's landmark boxes for the detector, generated on ``prepare_data``: trains on
+    ``boxes/boxes_split1.csv``, validates on ``boxes/boxes_split2.csv`` (other landmarks), images from the GLDv2
+    layout's ``gldv2/train/``. Box mAP is logged as ``val/generated_landmark_boxes/box_mAP`` (and ``box_mAP@0.5``).
+
+    Args:
+        root: the benchmark's directory (see :func:`generate_landmark_benchmark`).
+        spec: the generation parameters.
+        image_size: the longer side images are resized to; default the generated size (no resizing).
+        **kwargs: ``flip_probability``, batch sizes, ``num_workers``, ``shuffle_seed`` of
+            :class:`~datamodules.landmark_boxes.LandmarkBoxes`.
+    """
+
+    name = "generated_landmark_boxes"
+
+    def __init__(
+        self,
+        root: str = "data/generated_landmarks",
+        spec: GeneratedLandmarksSpec | None = None,
+        image_size: int | None = None,
+        **kwargs,
+    ):
+        self.spec = spec or GeneratedLandmarksSpec()
+        self.benchmark_root = Path(root)
+        boxes = self.benchmark_root.absolute() / "boxes"
+        super().__init__(
+            str(self.benchmark_root / "gldv2"),
+            train_boxes=str(boxes / BOX_FILES[0]),
+            val_boxes=str(boxes / BOX_FILES[1]),
+            image_size=image_size or self.spec.image_size,
+            **kwargs,
+        )
+
+    def prepare_data(self) -> None:
+        generate_landmark_benchmark(self.benchmark_root, self.spec)
 
 
 def describe(root: str | Path) -> dict[str, int]:

@@ -44,6 +44,7 @@ from datamodules.sampling import ClassBalanced
 from datamodules.triplets import TripletMining
 from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore
 from retrieval.ground_truth import GroundTruth
+from retrieval.regions import region_rows
 
 ResizeMode = Literal["longer_side", "square", "center_crop"]
 
@@ -55,9 +56,34 @@ class ImageList:
     paths: list[str]
     labels: np.ndarray | None = None
     boxes: np.ndarray | None = None  # [N, 4] x1, y1, x2, y2 crop boxes in pixels (Revisited queries)
+    relative_boxes: bool = False  # boxes as fractions of the image's width and height (regions)
+    region_ids: list[str] | None = None  # ids of a regional list's rows, '<path>#<region>' (see retrieval.regions)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def ids(self) -> list[str]:
+        """The rows' ids in feature stores: the paths, or the region ids of a regional list."""
+        return self.region_ids if self.region_ids is not None else self.paths
+
+
+@dataclass
+class Regions:
+    """Regional lists for Detect-to-Retrieve: for each list in ``lists``, a list ``<name>_<suffix>`` with one row
+    per region of each image (the whole image first when ``whole_image``, then its ``boxes`` from a boxes CSV
+    ``id,box[,score]`` as ``predict`` with the detector writes it or the Google Landmark Boxes files give it,
+    with a score of at least ``min_score``, at most ``max_regions`` per image; or the cells of a fixed ``grid``
+    at these levels), each row reading its crop of the image. Extracting the list stores every region's
+    descriptors with the id ``<image id>#<region number>`` (:mod:`retrieval.regions`)."""
+
+    lists: list[str]
+    boxes: str | None = None
+    grid: list[int] | None = None
+    min_score: float = 0.1
+    max_regions: int | None = None
+    whole_image: bool = True
+    suffix: str = "regions"
 
 
 @dataclass
@@ -168,7 +194,7 @@ class ImageListDataset(Dataset):
 
     @property
     def ids(self) -> list[str]:
-        return self.images.paths
+        return self.images.ids
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -185,14 +211,23 @@ class ImageListDataset(Dataset):
         return self._sizes[indices]
 
     def _read_size(self, index: int) -> tuple[int, int]:
-        if self.images.boxes is not None:  # PIL's crop rounds the box, whatever the image's size
-            x1, y1, x2, y2 = (int(round(float(v))) for v in self.images.boxes[index])
+        if self.images.boxes is not None and not self.images.relative_boxes:
+            x1, y1, x2, y2 = _rounded_box(self.images.boxes[index])
             return x2 - x1, y2 - y1
         image_id = self.images.paths[index]
         if self.source is not None:
-            return self.source.open(image_id).size
-        with open_image(self.root / image_id) as opened:  # reads the header only
-            return opened.size
+            size = self.source.open(image_id).size
+        else:
+            with open_image(self.root / image_id) as opened:  # reads the header only
+                size = opened.size
+        if self.images.boxes is None:
+            return size
+        x1, y1, x2, y2 = _rounded_box(self._pixel_box(index, *size))
+        return x2 - x1, y2 - y1
+
+    def _pixel_box(self, index: int, width: int, height: int) -> np.ndarray:
+        box = np.asarray(self.images.boxes[index], dtype=np.float64)
+        return box * np.array([width, height, width, height]) if self.images.relative_boxes else box
 
     def resized_shapes(self, indices: Sequence[int]) -> list[tuple[int, int]] | None:
         """``(height, width)`` of each transformed image, or ``None`` when the transform gives every image the
@@ -213,12 +248,17 @@ class ImageListDataset(Dataset):
                 raise
             return {"index": index, "unreadable": str(error)}
         if self.images.boxes is not None:
-            image = image.crop(tuple(float(v) for v in self.images.boxes[index]))
+            image = image.crop(tuple(float(v) for v in self._pixel_box(index, *image.size)))
         pixels, to_original = self.transform(image)
         example = {"index": index, "image": pixels, "to_original": to_original}
         if self.images.labels is not None:
             example["label"] = int(self.images.labels[index])
         return example
+
+
+def _rounded_box(box) -> tuple[int, ...]:
+    """A crop box as PIL's ``crop`` rounds it, whatever the image's size."""
+    return tuple(int(round(float(v))) for v in box)
 
 
 def collate_images(examples: list[dict]) -> dict:
@@ -262,6 +302,10 @@ class ImageBenchmark(RetrievalDataModule):
         class_balanced: global training batches of P classes x K images, ``{classes_per_batch: P,
             images_per_class: K, min_images_per_class: M}`` (:class:`~datamodules.sampling.ClassBalanced`);
             ``batch_size`` must be P x K.
+        regions: regional lists of image crops (the whole image plus detected boxes or a grid) for regional
+            aggregation, ``{lists: [...], boxes: <csv> | grid: [levels], min_score, max_regions, whole_image,
+            suffix}`` (:class:`Regions`), or several with different suffixes; e.g. ``predict_lists:
+            [roxford5k_database_regions]`` extracts them.
     """
 
     def __init__(
@@ -284,8 +328,11 @@ class ImageBenchmark(RetrievalDataModule):
         triplet_mining: TripletMining | None = None,
         train_augmentation: dict | None = None,
         class_balanced: ClassBalanced | None = None,
+        regions: Regions | list[Regions] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        regions = [] if regions is None else regions if isinstance(regions, list) else [regions]
+        self.regions = [Regions(**r) if isinstance(r, dict) else r for r in regions]
         if features is None and (local_descriptors or train_locals is not None or triplet_mining is not None):
             raise ValueError(
                 f"{type(self).__name__}: local descriptors and triplet mining read feature stores; set features"
@@ -344,7 +391,10 @@ class ImageBenchmark(RetrievalDataModule):
     @property
     def lists(self) -> dict[str, ImageList]:
         if self._lists is None:
-            self._lists = self.read_lists()
+            lists = self.read_lists()
+            for regions in self.regions:
+                lists.update(regional_lists(lists, regions, self.root))
+            self._lists = lists
         return self._lists
 
     def setup(self, stage: str | None = None) -> None:
@@ -398,7 +448,7 @@ class ImageBenchmark(RetrievalDataModule):
             transform = self.train_transform if train and self.train_transform is not None else self.transform
             return ImageListDataset(self.root, images, transform, skip_unreadable=skip, source=self.hf_images)
         store = FeatureStore(self.features / f"{name}.h5")
-        if store.ids != images.paths:
+        if store.ids != images.ids:
             raise DatasetFormatError(
                 f"{store.path}: its {store.num_images} image ids do not match the {len(images)} images of list "
                 f"'{name}' under {self.root}; extract it again from these lists"
@@ -406,7 +456,7 @@ class ImageBenchmark(RetrievalDataModule):
         locals_per_example = training_locals(self, store) if train else None
         local_store = store if self.local_descriptors or locals_per_example is not None else None
         return EmbeddingDataset(
-            store.global_descriptors(), images.paths, images.labels, local_store, locals_per_example, store
+            store.global_descriptors(), images.ids, images.labels, local_store, locals_per_example, store
         )
 
     @property
@@ -468,3 +518,38 @@ class ImageBenchmark(RetrievalDataModule):
 
     def collate_fn(self):
         return collate_images if self.features is None else collate_embeddings
+
+
+def regional_lists(lists: dict[str, ImageList], regions: Regions, root: Path) -> dict[str, ImageList]:
+    """The lists ``<name>_<suffix>`` of :class:`Regions`: one row per region of every image of ``name``."""
+    unknown = [name for name in regions.lists if name not in lists]
+    clashing = [f"{name}_{regions.suffix}" for name in regions.lists if f"{name}_{regions.suffix}" in lists]
+    if clashing:
+        raise ValueError(f"regions: lists {clashing} exist already; give each regions entry its own suffix")
+    if unknown:
+        raise ValueError(f"regions: lists {unknown} are not lists of this benchmark: {sorted(lists)}")
+    boxes = None
+    if regions.boxes is not None:
+        from datamodules.landmark_boxes import read_scored_boxes  # the detector's module reads datamodules
+
+        path = Path(regions.boxes)
+        boxes = read_scored_boxes(path if path.is_absolute() or path.exists() else root / path)
+    regional = {}
+    for name in regions.lists:
+        images = lists[name]
+        if images.boxes is not None:
+            raise ValueError(
+                f"regions: list '{name}' is already cropped to boxes (queries); regions are for whole images"
+            )
+        rows = region_rows(
+            images.paths, boxes, regions.grid, regions.min_score, regions.max_regions, regions.whole_image
+        )
+        ymin, xmin, ymax, xmax = rows.boxes.T
+        regional[f"{name}_{regions.suffix}"] = ImageList(
+            [images.paths[i] for i in rows.image.tolist()],
+            labels=images.labels[rows.image] if images.labels is not None else None,
+            boxes=np.stack([xmin, ymin, xmax, ymax], axis=1),
+            relative_boxes=True,
+            region_ids=rows.ids(images.paths),
+        )
+    return regional

@@ -2,7 +2,10 @@
 
 from lightning_modules.aesvc import AESVC, AESVCPerSize, MatryoshkaAESVC
 from lightning_modules.ames import AMES
+from lightning_modules.asmk_reranker import AsmkReranker
 from lightning_modules.base import ClosedFormModule, RetrievalModule
+from lightning_modules.d2r import LandmarkDetector
+from lightning_modules.delf import DelfLocalFeatures
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.projections import PCAProjection, RawEmbedding
 from lightning_modules.rrt import RRT
@@ -13,9 +16,12 @@ from lightning_modules.vae import VAEPerSize
 __all__ = [
     "AESVC",
     "AMES",
+    "AsmkReranker",
     "AESVCPerSize",
     "ClosedFormModule",
+    "DelfLocalFeatures",
     "FeatureExtractor",
+    "LandmarkDetector",
     "MatryoshkaAESVC",
     "PCAProjection",
     "RawEmbedding",

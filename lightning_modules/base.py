@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 LRSchedule = Literal["constant", "cosine"]
+OptimizerName = Literal["adamw", "sgd"]
 # Checkpoint entry naming the module's class, so the CLI can rebuild it from a checkpoint alone.
 MODEL_CLASS_KEY = "model_class_path"
 
@@ -43,6 +44,17 @@ class RetrievalModule(pl.LightningModule):
         """The batch's stored embeddings, L2-normalised when the method's ``normalize_input`` is set."""
         x = batch["embedding"]
         return torch.nn.functional.normalize(x, dim=-1) if self.hparams.get("normalize_input", False) else x
+
+    #: Whether ``predict`` writes the ``embeddings`` (and ``local``) outputs as feature stores. A module whose
+    #: predictions are something else (the landmark detector's boxes) sets it to ``False``.
+    writes_feature_stores: bool = True
+
+    def evaluation_metrics(self, stage: str) -> dict[str, float]:
+        """Metrics the module scores from its own outputs of the ``stage`` just run, which are not retrieval
+        metrics (e.g. the landmark detector's box mAP), added to the evaluation's ``<stage>/<set>/<metric>``
+        keys. Every process calls it and must return the same values. Retrieval methods have none: their
+        metrics come from the shared evaluation path."""
+        return {}
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "embeddings": self.embed(batch)}
@@ -97,18 +109,91 @@ class RetrievalModule(pl.LightningModule):
                 f"step {self.global_step} ({values}). Lower the learning rate or check the input embeddings."
             )
 
-    def build_optimizer(self, lr: float, weight_decay: float, schedule: LRSchedule, params=None):
-        """AdamW over ``params`` (default: all parameters; or parameter groups with their own ``lr``), optionally
-        with a per-step cosine decay over the whole run."""
-        params = self.parameters() if params is None else params
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        if schedule == "constant":
-            return optimizer
-        if schedule != "cosine":
+    def build_optimizer(
+        self,
+        lr: float,
+        weight_decay: float,
+        schedule: LRSchedule,
+        params=None,
+        optimizer: OptimizerName = "adamw",
+        momentum: float = 0.9,
+        warmup_steps: int = 0,
+    ):
+        """AdamW (or SGD with ``momentum``, Nesterov off: ``optimizer="sgd"``) over ``params`` (default: all
+        parameters; or parameter groups with their own ``lr``), optionally with a per-step cosine decay over the
+        whole run and a linear warm-up from ``lr / 1000`` over the first ``warmup_steps`` steps."""
+        if schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        params = self.parameters() if params is None else params
+        if optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        elif optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if schedule == "constant" and not warmup_steps:
+            return optimizer
+        schedulers, milestones = [], []
+        if warmup_steps:
+            schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, 1e-3, 1.0, total_iters=warmup_steps))
+        if schedule == "cosine":
+            total_steps = max(1, int(self.trainer.estimated_stepping_batches) - warmup_steps)
+            if schedulers:
+                milestones.append(warmup_steps)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps))
+        scheduler = (
+            schedulers[0]
+            if len(schedulers) == 1
+            else torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=milestones)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+#: Where :class:`ClassifiesTrainingLabels` keeps its label map in a state dict.
+LABEL_MAP_PREFIX = "label_map."
+
+
+class ClassifiesTrainingLabels:
+    """Mixin (before the module class) for a method trained with a classifier over the training labels.
+
+    At ``fit`` it maps the datamodule's training labels to the contiguous classes ``0..n-1``
+    (``self.label_map``, a :class:`~lightning_modules.nn.margin_heads.ContiguousLabels`, saved in checkpoints) and
+    calls ``self._build_head(label_map)``, which builds the classifier(s) and sets ``hparams.num_classes``; loading a
+    checkpoint rebuilds them from its saved map before its weights are loaded. A map already built (given
+    ``num_classes``, or loaded) is kept.
+    """
+
+    # ``self.label_map`` is set by the module (``None`` until built): a class attribute here would shadow the
+    # submodule that nn.Module keeps out of the instance dict.
+    def _build_head(self, label_map) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage != "fit" or getattr(self, "label_map", None) is not None:
+            return
+        from lightning_modules.nn.margin_heads import ContiguousLabels
+
+        datamodule = self.trainer.datamodule
+        labels = getattr(datamodule.train_dataset(), "labels", None)
+        if labels is None:
+            raise ValueError(
+                f"{type(self).__name__} trains a classifier on the training labels, but "
+                f"{type(datamodule).__name__}'s training list has none"
+            )
+        self._build_head(ContiguousLabels(torch.as_tensor(labels)))
+        self.to(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        from lightning_modules.nn.margin_heads import ContiguousLabels
+
+        state = checkpoint.get("state_dict", {})
+        if f"{LABEL_MAP_PREFIX}dataset_labels" in state:
+            saved = ContiguousLabels.from_state_dict(state, LABEL_MAP_PREFIX)
+            current = getattr(self, "label_map", None)
+            if current is None or not torch.equal(current.dataset_labels.cpu(), saved.dataset_labels):
+                self._build_head(saved)
 
 
 class MultiSizeEmbedding:

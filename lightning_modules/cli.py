@@ -161,7 +161,8 @@ class RetrievalCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.trainer.default_root_dir or default_run_root(config)
         self.run_directory, config.ckpt_path = choose_run_directory(root, subcommand, config.get("ckpt_path"))
-        self._fresh_run_directory = not any(self.run_directory.iterdir())
+        # A directory pinned with RETRIEVAL_RUN_DIR may not exist yet (prepare_run creates it).
+        self._fresh_run_directory = not self.run_directory.is_dir() or not any(self.run_directory.iterdir())
         if not config.ckpt_path:
             return
         if config.ckpt_path in LIGHTNING_CHECKPOINT_NAMES:

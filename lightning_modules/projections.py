@@ -102,12 +102,8 @@ class PCAProjection(ClosedFormModule):
             raise ValueError("PCAProjection: set dim, the number of components to keep")
         if dim > input_dim:
             raise ValueError(f"PCAProjection: dim={dim} exceeds the input embedding size {input_dim}")
-        eigenvalues, eigenvectors = torch.linalg.eigh(self._moments.covariance)
-        order = torch.argsort(eigenvalues, descending=True)[:dim]
-        eigenvalues, components = eigenvalues[order].clamp_min(0), eigenvectors[:, order]
-        if self.hparams.whiten:
-            components = components / torch.sqrt(eigenvalues + self.hparams.eps)
-        self.mean = self._moments.mean.float().to(self.device)
+        mean, components, eigenvalues = self._moments.principal_components(dim, self.hparams.whiten, self.hparams.eps)
+        self.mean = mean.float().to(self.device)
         self.projection = components.float().to(self.device)
         self.eigenvalues = eigenvalues.float().to(self.device)
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import LRSchedule, RetrievalModule
+from lightning_modules.base import ClassifiesTrainingLabels, LRSchedule, RetrievalModule
 from lightning_modules.nn.backbones import FeatureMapBackbone
 from lightning_modules.nn.margin_heads import ArcFace, ContiguousLabels, CosFace
 from lightning_modules.nn.spatial_context import SpatialContextPooling
@@ -35,10 +35,9 @@ ABLATIONS = {
     "gcn": {"smoothing": "none", "refinement": "gcn"},
     "learnable_smoothing_gcn": {"smoothing": "learnable", "refinement": "gcn"},
 }
-LABEL_MAP_PREFIX = "label_map."
 
 
-class SpatialContextRetrieval(RetrievalModule):
+class SpatialContextRetrieval(ClassifiesTrainingLabels, RetrievalModule):
     """A trainable backbone + spatial-context pooling, trained with a margin-softmax head.
 
     Args:
@@ -109,28 +108,6 @@ class SpatialContextRetrieval(RetrievalModule):
             self.hparams.embedding_dim, label_map.num_classes, self.hparams.scale, self.hparams.margin
         )
         self.hparams.num_classes = label_map.num_classes
-
-    def setup(self, stage: str) -> None:
-        if stage != "fit" or self.label_map is not None:
-            return
-        datamodule = self.trainer.datamodule
-        labels = getattr(datamodule.train_dataset(), "labels", None)
-        if labels is None:
-            raise ValueError(
-                f"{type(self).__name__} trains a classifier on the training labels, but "
-                f"{type(datamodule).__name__}'s training list has none"
-            )
-        self._build_head(ContiguousLabels(torch.as_tensor(labels)))
-        self.classifier.to(self.device)
-        self.label_map.to(self.device)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # The label map and the classifier are sized by the training labels: rebuild them from the saved map.
-        state = checkpoint.get("state_dict", {})
-        if f"{LABEL_MAP_PREFIX}dataset_labels" in state:
-            saved = ContiguousLabels.from_state_dict(state, LABEL_MAP_PREFIX)
-            if self.label_map is None or not torch.equal(self.label_map.dataset_labels.cpu(), saved.dataset_labels):
-                self._build_head(saved)
 
     def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.pooling(self.backbone(batch["image"]))

@@ -9,11 +9,24 @@ its 5 nearest words (:data:`ASMK_QUERY_ASSIGNMENTS`), the D2R release to 1.
 
 A codebook is its centroids, ``float32 [size, dim]``: that array is all a file keeps (``.npy``), and
 ``Codebook(centroids)`` rebuilds the same codebook from it.
+
+From the command line, a codebook of the local descriptors of feature stores (every non-padding row's descriptor
+columns, as stored):
+
+    python -m retrieval.codebook --stores A.h5 [B.h5 ...] --size K --output codebook.npy
+        [--max-descriptors N] [--seed S] [--iterations I]
+
+At most ``N`` descriptors (default ``256 K``, the most faiss uses per word) are drawn uniformly from all those of
+the stores, the same ones for the same seed and stores; the file is written atomically.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,6 +39,10 @@ D2R_CODEBOOK_SIZE = 65_536
 ASMK_QUERY_ASSIGNMENTS = 5
 #: k-means iterations of the ``asmk`` package (faiss ``Clustering`` with ``niter = 10``).
 ASMK_KMEANS_ITERATIONS = 10
+#: faiss k-means uses at most this many training descriptors per word (it samples the rest away).
+MAX_POINTS_PER_WORD = 256
+# Images read from a store at a time when sampling descriptors.
+_READ_ROWS = 1024
 
 
 class Codebook:
@@ -117,3 +134,101 @@ class Codebook:
                 "expected float [size, dim] centroids"
             )
         return cls(centroids)
+
+
+# Training from feature stores (the command line)
+
+
+def sample_store_descriptors(stores: Sequence[str | os.PathLike], max_descriptors: int, seed: int = 0) -> np.ndarray:
+    """``float32 [n, d]``: at most ``max_descriptors`` local descriptors drawn uniformly without replacement from
+    the non-padding rows of all ``stores`` (every one if there are fewer), in store and row order.
+
+    One pass over the stores, ``_READ_ROWS`` images at a time: every descriptor gets a seeded uniform key and the
+    ``max_descriptors`` smallest keys are kept, so memory stays at the sample's size.
+    """
+    from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore, FeatureStoreError
+
+    if max_descriptors < 1:
+        raise ValueError(f"max_descriptors must be at least 1, got {max_descriptors}")
+    if not stores:
+        raise ValueError("give at least one feature store with local descriptors")
+    opened = [FeatureStore(path) for path in stores]
+    dims = set()
+    for store in opened:
+        if not store.has_local:
+            raise FeatureStoreError(
+                f"{store.path} holds no local descriptors: a codebook is trained on local descriptors "
+                "(a store with a 'local' [N, L, 5 + D] dataset, e.g. extracted with num_local > 0)"
+            )
+        if store.local_encoding != "float":
+            raise FeatureStoreError(
+                f"{store.path} stores its local descriptors as {store.local_encoding} codes, not descriptors; "
+                "train the codebook on the uncompressed store"
+            )
+        dims.add(store.local_shape[1] - len(LOCAL_COLUMNS))
+    if len(dims) != 1:
+        raise ValueError(f"the stores' local descriptors differ in dimension ({sorted(dims)}); give stores of one kind")
+    pad, first = LOCAL_COLUMNS.index("pad"), len(LOCAL_COLUMNS)
+    generator = np.random.default_rng(seed)
+    kept, kept_keys, count = [np.empty((0, dims.pop()), dtype=np.float32)], [np.empty(0)], 0
+    for store in opened:
+        for start in range(0, store.num_images, _READ_ROWS):
+            local = store.local_descriptors(slice(start, min(start + _READ_ROWS, store.num_images)))
+            descriptors = local[local[..., pad] <= 0.5][:, first:].astype(np.float32)
+            kept.append(descriptors)
+            kept_keys.append(generator.random(len(descriptors)))
+            count += len(descriptors)
+            if count > 2 * max_descriptors:  # prune now and then: linear time, at most twice the sample in memory
+                kept, kept_keys = _smallest_keys(kept, kept_keys, max_descriptors)
+                count = max_descriptors
+    return _smallest_keys(kept, kept_keys, max_descriptors)[0][0]
+
+
+def _smallest_keys(blocks: list[np.ndarray], keys: list[np.ndarray], count: int):
+    """The rows of the ``blocks`` with the ``count`` smallest keys, in their order, as one block."""
+    rows, values = np.concatenate(blocks), np.concatenate(keys)
+    if len(rows) > count:
+        smallest = np.sort(np.argpartition(values, count - 1)[:count])
+        rows, values = rows[smallest], values[smallest]
+    return [rows], [values]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval.codebook",
+        description="Train a visual-word codebook (faiss k-means) on the local descriptors of feature stores "
+        "and save its centroids as a .npy file.",
+    )
+    parser.add_argument("--stores", nargs="+", required=True, help="feature stores (.h5) with local descriptors")
+    parser.add_argument("--size", type=int, required=True, help="number of visual words K (D2R: 65536)")
+    parser.add_argument("--output", required=True, help="the codebook file to write (.npy)")
+    parser.add_argument(
+        "--max-descriptors",
+        type=int,
+        default=None,
+        help=f"train on at most this many descriptors, drawn uniformly (default {MAX_POINTS_PER_WORD} x size)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means (default 0)")
+    parser.add_argument(
+        "--iterations", type=int, default=ASMK_KMEANS_ITERATIONS, help="k-means iterations (default %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    if args.size < 1:
+        parser.error(f"--size must be at least 1, got {args.size}")
+    maximum = args.max_descriptors if args.max_descriptors is not None else MAX_POINTS_PER_WORD * args.size
+    try:
+        start = time.perf_counter()
+        descriptors = sample_store_descriptors(args.stores, maximum, args.seed)
+        print(
+            f"training {args.size} words on {len(descriptors)} local descriptors of {descriptors.shape[1]} dimensions"
+        )
+        codebook = Codebook.train(descriptors, args.size, iterations=args.iterations, seed=args.seed)
+        codebook.save(args.output)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {args.output} ({codebook.size} x {codebook.dim}) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

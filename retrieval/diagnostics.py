@@ -50,6 +50,21 @@ class RunningMoments:
         mean = self.mean
         return self.outer / self.count - torch.outer(mean, mean)
 
+    def principal_components(
+        self, dim: int, whiten: bool = False, eps: float = 1e-8
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PCA of the rows: ``(mean [D], components [D, dim], eigenvalues [dim])``, float64, components sorted by
+        decreasing variance, so ``(x - mean) @ components`` projects. ``whiten`` divides each component by its
+        standard deviation (``sqrt(eigenvalue + eps)``), so the projected rows have unit variance."""
+        if dim > self.dim:
+            raise ValueError(f"cannot keep {dim} principal components of {self.dim}-d rows")
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.covariance)
+        order = torch.argsort(eigenvalues, descending=True)[:dim]
+        eigenvalues, components = eigenvalues[order].clamp_min(0), eigenvectors[:, order]
+        if whiten:
+            components = components / torch.sqrt(eigenvalues + eps)
+        return self.mean, components, eigenvalues
+
 
 def constraint_errors(moments: RunningMoments) -> dict[str, float]:
     """How far the rows are from the AE-SVC constraints.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from retrieval.ground_truth import GroundTruth
 from retrieval.search import knn, ranking_positions
 
@@ -40,3 +42,26 @@ def checked_queries(queries, database, ground_truth: GroundTruth):
             f"{ground_truth.num_queries} queries and {ground_truth.num_database} database items"
         )
     return queries
+
+
+def evaluate_scores(scores, ground_truth: GroundTruth) -> dict[str, float]:
+    """Score a method that gives every (query, database item) pair a similarity (``[num_queries, num_database]``,
+    e.g. an aggregated-kernel search) with the benchmark's protocol: the ranking is the one :func:`knn` would
+    return (score descending, equal scores by ascending database index); with ``ranking_items`` only those
+    items' places are kept, one query at a time, so no ``[queries, database]`` ranking is held."""
+    scores = np.asarray(scores)
+    expected = (ground_truth.num_queries, ground_truth.num_database)
+    if scores.ndim != 2 or scores.shape != expected:
+        raise ValueError(f"scores must be [num_queries, num_database] = {list(expected)}, got shape {scores.shape}")
+    if ground_truth.queries_are_database:
+        scores = scores.copy()
+        np.fill_diagonal(scores, -np.inf)  # a query is not its own result
+    if ground_truth.ranking_items is None:
+        depth = ground_truth.depth
+        return ground_truth.evaluate(np.stack([np.argsort(-row, kind="stable")[:depth] for row in scores]))
+    positions = []
+    for row, items in zip(scores, ground_truth.ranking_items):
+        places = np.empty(len(row), dtype=np.int64)
+        places[np.argsort(-row, kind="stable")] = np.arange(len(row))
+        positions.append(places[np.asarray(items, dtype=np.int64)])
+    return ground_truth.evaluate_positions(positions)

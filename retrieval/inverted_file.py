@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retrieval.asmk import (
+    _BYTE_POPCOUNT,
     DEFAULT_ALPHA,
     DEFAULT_THRESHOLD,
     AggregatedImage,
@@ -35,6 +36,8 @@ from retrieval.asmk import (
 # Working memory of one step of a query's posting-list scan, in bytes: the gathered query and database rows
 # and the similarity temporaries. Bounds memory for long posting lists (common words of a 1M-image database).
 SEARCH_CHUNK_BYTES = 64 * 2**20
+# numpy >= 2.0 counts set bits natively; older versions look each byte up in a table.
+_HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")
 
 
 class InvertedFile:
@@ -148,7 +151,8 @@ class InvertedFile:
 
     def _accumulate(self, query: AggregatedImage, scores: np.ndarray, alpha: float, threshold: float) -> None:
         """Add ``sigma(u)`` of every posting entry of the query's words to ``scores``, a bounded number of
-        entries at a time."""
+        entries at a time, one by one in query-word order (``np.add.at``: each image's terms are summed in the
+        order of its words, whatever the chunking)."""
         slots = np.searchsorted(self.posting_words, query.words)
         found = slots < self.posting_words.size
         found[found] = self.posting_words[slots[found]] == query.words[found]
@@ -156,22 +160,59 @@ class InvertedFile:
         slots = slots[found]
         starts = self.posting_offsets[slots]
         lengths = self.posting_offsets[slots + 1] - starts
-        # Entries of the visited lists, numbered 0..total-1 in query-word order: position p belongs to the
-        # list whose [begin, end) holds p.
+        # Entries of the visited lists, numbered 0..total-1 in query-word order: list j holds [begin_j, end_j).
         ends = np.cumsum(lengths)
         begins = ends - lengths
         total = int(ends[-1]) if ends.size else 0
+        if self.binary:
+            # u takes d + 1 values (1 - 2 h / d for h differing bits): sigma(u) is a table look-up.
+            bits = 8 * self.entry_vectors.shape[1]
+            weight_of = selectivity(1.0 - 2.0 * np.arange(bits + 1) / bits, alpha, threshold)
+            entry_codes, query_codes = _code_words(self.entry_vectors), _code_words(query.vectors)
         # Per entry: the two gathered rows and, for ASMK, their float64 products; for ASMK*, xor and popcounts.
         row_bytes = self.entry_vectors.shape[1] * self.entry_vectors.itemsize
         chunk = max(1, SEARCH_CHUNK_BYTES // (row_bytes * (4 if self.binary else 6)))
         for first in range(0, total, chunk):
-            positions = np.arange(first, min(total, first + chunk))
-            owner = np.searchsorted(ends, positions, side="right")
-            entries = starts[owner] + (positions - begins[owner])
-            u = word_similarities(query.vectors[query_rows[owner]], self.entry_vectors[entries])
-            weights = selectivity(u, alpha, threshold)
-            kept = np.flatnonzero(weights)
-            np.add.at(scores, self.entry_images[entries[kept]], weights[kept])
+            last = min(total, first + chunk)
+            # The lists this step overlaps, and how many of its entries each holds.
+            low = int(np.searchsorted(ends, first, side="right"))
+            high = int(np.searchsorted(ends, last - 1, side="right")) + 1
+            counts = np.minimum(ends[low:high], last) - np.maximum(begins[low:high], first)
+            owner = np.repeat(np.arange(low, high), counts)
+            entries = np.arange(first, last) + np.repeat(starts[low:high] - begins[low:high], counts)
+            if self.binary:
+                differing = np.take(entry_codes, entries, axis=0) ^ np.take(query_codes, query_rows[owner], axis=0)
+                weights = weight_of[_popcount_rows(differing)]
+            else:
+                u = word_similarities(
+                    np.take(query.vectors, query_rows[owner], axis=0), np.take(self.entry_vectors, entries, axis=0)
+                )
+                weights = selectivity(u, alpha, threshold)
+            # Adding the zero weights changes no score: no filtering pass.
+            np.add.at(scores, np.take(self.entry_images, entries), weights)
+
+
+def _code_words(codes: np.ndarray) -> np.ndarray:
+    """Packed codes ``uint8 [m, b]`` viewed as ``[m, b / w]`` words of the widest unsigned type (``w`` = 8, 4,
+    2 or 1 bytes) that divides ``b``: the same bits, fewer and cheaper xors and popcounts."""
+    codes = np.ascontiguousarray(codes)
+    for dtype in (np.uint64, np.uint32, np.uint16):
+        if codes.shape[1] % np.dtype(dtype).itemsize == 0:
+            return codes.view(dtype)
+    return codes
+
+
+def _popcount_rows(words: np.ndarray) -> np.ndarray:
+    """Set bits of each row of an unsigned-integer matrix, ``int64 [m]``."""
+    if _HAS_BITWISE_COUNT:
+        counts = np.bitwise_count(words)
+    else:
+        counts = _BYTE_POPCOUNT[words.view(np.uint8)]
+    # Column by column: a reduction along a short last axis (2 words for d = 128) is far slower.
+    total = counts[:, 0].astype(np.int64)
+    for column in range(1, counts.shape[1]):
+        total += counts[:, column]
+    return total
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

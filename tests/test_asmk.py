@@ -281,6 +281,49 @@ def test_inverted_file_orders_ties_by_database_index():
     np.testing.assert_array_equal(scores, np.zeros((1, 5)))
 
 
+def entry_by_entry_scores(index, query, threshold):
+    """The inverted file's scan written plainly: every entry of the query's posting lists, word by word, its
+    ``sigma(u)`` from :func:`word_similarities` added to its image's score."""
+    scores = np.zeros(index.num_images)
+    for row, word in enumerate(query.words):
+        slot = np.searchsorted(index.posting_words, word)
+        if slot < index.posting_words.size and index.posting_words[slot] == word:
+            entries = np.arange(index.posting_offsets[slot], index.posting_offsets[slot + 1])
+            u = word_similarities(
+                np.repeat(query.vectors[row : row + 1], entries.size, 0), index.entry_vectors[entries]
+            )
+            np.add.at(scores, index.entry_images[entries], selectivity(u, threshold=threshold))
+    return scores
+
+
+@pytest.mark.parametrize("dim", [8, 24, 32, 128])
+def test_inverted_file_scan_of_packed_codes_of_every_width(dim, monkeypatch):
+    """ASMK* codes of 1, 3, 4 and 16 bytes (compared as uint8, uint8, uint32 and uint64 words), queries with
+    multiple assignment, exact duplicates in the database (ties), the scan cut into steps of 1 entry, of 7
+    (posting lists cut mid-way) or all at once, and the byte-table popcount of numpy < 2: always the scores of
+    the plain entry-by-entry scan, bit for bit, and the brute-force ranking."""
+    rng = np.random.default_rng(6)
+    codebook = random_codebook(rng, size=10, dim=dim)
+    database = aggregated_set(rng, codebook, True, 20, assignments=1, regional=True)
+    database += database[:6]  # images 20-25 equal images 0-5
+    queries = aggregated_set(rng, codebook, True, 3, assignments=3, regional=False)
+    index = InvertedFile(database)
+    for threshold in (0.0, -0.3):
+        reference = kernel_similarities(queries, database, threshold=threshold, normalisation="none")
+        plain = [entry_by_entry_scores(index, query, threshold) for query in queries]
+        for chunk_entries in (1, 7, 10**6):
+            monkeypatch.setattr(inverted_file_module, "SEARCH_CHUNK_BYTES", chunk_entries * (dim // 8) * 4)
+            for native_popcount in (True, False):
+                monkeypatch.setattr(inverted_file_module, "_HAS_BITWISE_COUNT", native_popcount)
+                for query, expected in zip(queries, plain):
+                    scores = index.query_scores(query, threshold=threshold, normalisation="none")
+                    np.testing.assert_array_equal(scores, expected)
+                    np.testing.assert_array_equal(scores[20:], scores[:6])
+                _, ids = index.search(queries, 26, threshold=threshold, normalisation="none")
+                np.testing.assert_array_equal(ids, expected_order(reference))
+        np.testing.assert_allclose(plain, reference, rtol=1e-9, atol=1e-12)
+
+
 def test_inverted_file_memory_per_image():
     words = [np.array([0, 3, 7]), np.array([3]), np.array([1, 3, 7, 9])]
     database = [AggregatedImage(w, np.zeros((w.size, 16), dtype=np.uint8)) for w in words]  # 128 bits per word

@@ -10,6 +10,7 @@ from layouts import write_gldv2, write_pittsburgh_folders, write_revisited, writ
 
 from datamodules.embedded import EmbeddedBenchmarkSpec
 from datamodules.embedded_local import EmbeddedLocalBenchmarkSpec
+from datamodules.landmark_boxes import LandmarkBoxes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("extract", "data", "logger"))
@@ -42,6 +43,9 @@ def write_layout(family: str, root: Path) -> None:
     elif family == "revisited":
         for name in ("roxford5k", "rparis6k"):
             write_revisited(root, name, num_database=6, gnd=GND)
+    elif family == "landmark_boxes":  # the detector's Google Landmark Boxes: images of other landmarks validate
+        (root / "boxes_split1.csv").write_text("id,box\naaa1,0.1 0.1 0.9 0.9\naaa2,0.2 0.2 0.8 0.8\n")
+        (root / "boxes_split2.csv").write_text("id,box\nbbb1,0.1 0.1 0.9 0.9\n")
 
 
 def scored_ids(data, stage: str) -> set[str]:
@@ -76,6 +80,11 @@ def test_validation_never_scores_test_data(class_path, tmp_path):
     else:
         write_layout(family, tmp_path)
         data = cls(root=str(tmp_path), **({"layout": "folders"} if family == "pittsburgh" else {}))
+    if isinstance(data, LandmarkBoxes):  # no retrieval sets: the detector validates on boxes of other images
+        assert data.eval_sets("val") == data.eval_sets("test") == []
+        validated, trained = set(data.boxes("val")), set(data.boxes("train"))
+        assert validated and trained and not validated & trained, f"{class_path} validates on training images"
+        return
     validated, tested = scored_ids(data, "val"), scored_ids(data, "test")
     assert tested, f"{class_path} scores nothing at test time"
     assert not validated & tested, f"{class_path} validates on {len(validated & tested)} test examples"

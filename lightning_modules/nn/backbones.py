@@ -173,11 +173,7 @@ class DescriptorExtractor(nn.Module):
         return F.normalize(global_descriptor, dim=-1), patches, weights, grid
 
     def _resize(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
-        if scale == 1.0:
-            return pixels
-        multiple = self.patch_size if self.is_vit else 1
-        size = [max(multiple, round(side * scale / multiple) * multiple) for side in pixels.shape[2:]]
-        return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return resize_by(pixels, scale, self.patch_size if self.is_vit else 1)
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, to_original: torch.Tensor | None = None):
@@ -224,6 +220,15 @@ class DescriptorExtractor(nn.Module):
         return global_descriptor, top_weighted(torch.cat(candidates, dim=1), self.num_local)
 
 
+def resize_by(pixels: torch.Tensor, scale: float, multiple: int = 1) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` resized by ``scale`` (bilinear, antialiased), each side rounded to a multiple of
+    ``multiple`` (at least one multiple); unchanged at scale 1."""
+    if scale == 1.0:
+        return pixels
+    size = [max(multiple, round(side * scale / multiple) * multiple) for side in pixels.shape[2:]]
+    return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def top_weighted(local: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` rows of highest weight (column 4) per image, sorted by weight; missing rows are padding
     (zeros with ``pad = 1``)."""
@@ -259,6 +264,9 @@ class FeatureMapBackbone(nn.Module):
             with mixed precision on recent GPUs).
         grad_checkpointing: recompute activations in the backward pass (timm ``set_grad_checkpointing``), to
             train large images or batches in less memory.
+        feature_layer: CNNs only: end the network at this stage of timm's ``feature_info`` (its module name,
+            e.g. ``layer3``, ResNet's conv4_x at stride 16, as DELF uses; or its index there), dropping the later
+            stages and the head (timm ``prune_intermediate_layers``); ``None``: the whole network.
     """
 
     def __init__(
@@ -270,6 +278,7 @@ class FeatureMapBackbone(nn.Module):
         pretrained: bool = True,
         checkpoint_path: str | None = None,
         model_kwargs: dict | None = None,
+        feature_layer: str | int | None = None,
     ):
         super().__init__()
         import timm
@@ -280,6 +289,9 @@ class FeatureMapBackbone(nn.Module):
         self.is_vit = hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
         if not hasattr(backbone, "forward_features"):
             raise ValueError(f"{type(backbone).__name__} is not a timm model: it has no forward_features")
+        self._stride = None if self.is_vit else int(backbone.feature_info[-1]["reduction"])
+        if feature_layer is not None:
+            self._stride = self._cut_at(feature_layer)
         config = timm.data.resolve_model_data_config(backbone)
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
@@ -288,10 +300,25 @@ class FeatureMapBackbone(nn.Module):
             self.backbone.to(memory_format=torch.channels_last)
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
-        self.freeze_blocks = freeze_blocks
         #: Names (within ``backbone``) of the modules kept in eval mode.
-        self.frozen_modules: list[str] = self._freeze(freeze_blocks)
-        self.train(self.training)
+        self.frozen_modules: list[str] = []
+        self.freeze(freeze_blocks)
+
+    def _cut_at(self, feature_layer: str | int) -> int:
+        """Drop the stages after ``feature_layer``; its stride."""
+        if self.is_vit or not hasattr(self.backbone, "prune_intermediate_layers"):
+            raise ValueError(
+                f"feature_layer needs a timm CNN with prune_intermediate_layers, not {type(self.backbone).__name__}"
+            )
+        infos = list(self.backbone.feature_info)
+        names = [info["module"] for info in infos]
+        index = names.index(feature_layer) if feature_layer in names else feature_layer
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(infos):
+            raise ValueError(
+                f"feature_layer must be one of {names} or an index below {len(infos)}, got {feature_layer!r}"
+            )
+        self.backbone.prune_intermediate_layers([index], prune_head=True)
+        return int(infos[index]["reduction"])
 
     @property
     def out_channels(self) -> int:
@@ -302,7 +329,7 @@ class FeatureMapBackbone(nn.Module):
         """Input pixels per feature-map cell along a side (the patch size of a ViT)."""
         if self.is_vit:
             return int(self.backbone.patch_embed.patch_size[0])
-        return int(self.backbone.feature_info[-1]["reduction"])
+        return self._stride
 
     def stage_names(self) -> list[str]:
         """The freezable stages / blocks in forward order (``freeze_blocks`` counts them)."""
@@ -320,6 +347,13 @@ class FeatureMapBackbone(nn.Module):
     def _state_entries(self) -> list[tuple[str, torch.Tensor]]:
         """Parameters and buffers of the backbone in registration order, which timm models follow in forward."""
         return list(self.backbone.state_dict(keep_vars=True).items())
+
+    def freeze(self, freeze_blocks: int) -> None:
+        """Freeze the stem and the first ``freeze_blocks`` stages (see the class docstring; ``len(stage_names())``
+        freezes everything). Frozen parameters stay frozen: a later call with a smaller count unfreezes nothing."""
+        self.freeze_blocks = freeze_blocks
+        self.frozen_modules = list(dict.fromkeys(self.frozen_modules + self._freeze(freeze_blocks)))
+        self.train(self.training)
 
     def _freeze(self, freeze_blocks: int) -> list[str]:
         if isinstance(freeze_blocks, bool) or not isinstance(freeze_blocks, int) or freeze_blocks < 0:

@@ -1,0 +1,48 @@
+"""Running the command line from the benchmark scripts: one subprocess per command, its output appended to a
+log, and ``fit`` resumed from its last checkpoint when an earlier attempt was interrupted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, newest_finished_run  # noqa: E402
+
+
+def cli(subcommand: str, *args: str, log: Path) -> None:
+    """``python -m lightning_modules.cli <subcommand> <args>``, output appended to ``log``; raises on failure."""
+    command = [sys.executable, "-m", "lightning_modules.cli", subcommand, *args]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    environment.pop("RETRIEVAL_RUN_DIR", None)  # each command chooses its own run directory
+    with open(log, "a") as output:
+        output.write(f"$ {' '.join(command)}\n")
+        output.flush()
+        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+    if result.returncode != 0:
+        raise RuntimeError(f"{subcommand} failed ({result.returncode}); see {log}")
+
+
+def fit_once(directory: Path, *args: str, log: Path) -> tuple[Path, Path]:
+    """``fit`` with ``--trainer.default_root_dir=directory`` unless a run there finished (an interrupted one
+    resumes from its last checkpoint); returns ``(run directory, best checkpoint)``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    run = newest_finished_run(directory)
+    if run is None:
+        unfinished = sorted(directory.glob(f"version_*/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+        resume = ["--ckpt_path", "last"] if unfinished else []
+        cli("fit", *args, f"--trainer.default_root_dir={directory}", *resume, log=log)
+        run = newest_finished_run(directory)
+    return run, best_checkpoint(run)
+
+
+def split_overrides(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(the script's own arguments, the options after '--' that go to every command)``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
