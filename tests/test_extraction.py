@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import REPO, run_cli
 from layouts import write_distractors, write_gldv2, write_pittsburgh_mat, write_revisited, write_sop
 
+from lightning_modules.cli import main as cli_main
 from lightning_modules.extraction import FeatureExtractor
 from lightning_modules.nn.backbones import gem, top_weighted
 from retrieval.feature_store import FeatureStore
@@ -294,7 +295,7 @@ def test_one_and_two_processes_write_identical_stores(revisited_layout, uninterr
 
 
 @pytest.mark.slow
-def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_layout, uninterrupted_stores):
+def test_end_to_end_images_to_extraction_to_aesvc_to_revisited_map(revisited_layout, uninterrupted_stores, monkeypatch):
     workdir = revisited_layout  # the images were extracted by the command line into uninterrupted_stores
     (workdir / "aesvc.yaml").write_text(
         """
@@ -316,9 +317,12 @@ trainer:
   default_root_dir: runs/aesvc
 """
     )
-    run_cli("fit", "--config", "aesvc.yaml", cwd=workdir)
+    monkeypatch.chdir(workdir)  # fit and test in this process (the extraction ran as its own command)
+    cli_main(["fit", "--config", "aesvc.yaml"])
+    monkeypatch.delenv("RETRIEVAL_RUN_DIR", raising=False)
     # Revisited has no validation data (nothing is selected on its test split): score the last checkpoint.
-    run_cli("test", "--config", "aesvc.yaml", "--ckpt_path", "runs/aesvc/version_0/checkpoints/last.ckpt", cwd=workdir)
+    cli_main(["test", "--config", "aesvc.yaml", "--ckpt_path", "runs/aesvc/version_0/checkpoints/last.ckpt"])
+    monkeypatch.delenv("RETRIEVAL_RUN_DIR", raising=False)
     metrics = json.loads((workdir / "runs/aesvc/version_0/metrics.json").read_text())
     for name in ("roxford5k", "rparis6k"):
         for setup in ("easy", "medium", "hard"):

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from datamodules.generated_landmarks import GeneratedLandmarksRevisited, GeneratedLandmarksSpec
 from datamodules.images import Regions
+from lightning_modules import run_directory
 from lightning_modules.cli import main as cli_main
 from retrieval.asmk import aggregate_asmk, aggregate_regional_asmk
 from retrieval.codebook import Codebook
@@ -239,12 +240,22 @@ def test_kernels_are_scored_by_the_revisited_protocol(extracted):
 @pytest.mark.slow
 def test_the_d2r_comparison_runs_every_step_through_the_cli_and_resumes(tmp_path, monkeypatch):
     """The generated-benchmark comparison end to end at tiny sizes: both fits, boxes, regional extraction, codebook,
-    the table; run again, it reuses every output (no command runs) and gives the same table."""
+    the table; run again, it reuses every output (no command runs) and gives the same table. The commands run in
+    this process, one after the other (the script's subprocess runner is the spatial-context ablation test's)."""
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
+    import cli_runs
     import d2r_comparison
 
+    def in_process(subcommand, *args, log):
+        with open(log, "a") as output:
+            output.write(f"$ {subcommand} {' '.join(args)}\n")
+        monkeypatch.delenv(run_directory.RUN_DIR_ENV, raising=False)  # each command chooses its own run directory
+        cli_main([subcommand, *args, "--trainer.enable_model_summary=false"])
+
+    monkeypatch.setattr(cli_runs, "cli", in_process)
+    monkeypatch.setattr(d2r_comparison, "cli", in_process)
     monkeypatch.chdir(tmp_path)
     spec = [f"{key}={value}" for key, value in TINY_SPEC.items()]
     fits = ["--local-fit=--trainer.max_epochs=1", "--local-fit=--data.init_args.batch_size=4"]
@@ -255,7 +266,8 @@ def test_the_d2r_comparison_runs_every_step_through_the_cli_and_resumes(tmp_path
     ]
     fits += ["--local-fit=--model.init_args.num_local=40"]
     quiet = ["--", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
-    command = ["--root", "data", "--output", "out", "--codebook-size", "16", "--spec", *spec, *fits, *quiet]
+    command = ["--root", "data", "--output", "out", "--codebook-size", "16", "--parallel", "1", "--spec", *spec]
+    command += [*fits, *quiet]
     rows = {row["method"]: row for row in d2r_comparison.main(command)}
     assert list(rows) == ["global descriptor"] + [label for label, _, _ in d2r_comparison.ROWS]
     for row in rows.values():

@@ -63,7 +63,9 @@ def test_size_comparison_from_the_command_line(tmp_path, monkeypatch, capsys):
     from lightning_modules.cli import main as cli_main
 
     small = [*SMALL_BENCHMARK, *QUIET, "--trainer.max_epochs=2"]
-    run_cli("fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), *small, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), *small])  # the teacher, in this process
+    monkeypatch.delenv("RETRIEVAL_RUN_DIR", raising=False)
     # float64 (the teacher follows the run's precision), so 1 and 2 processes can be compared exactly
     ss2d = ["fit", "--config", str(CONFIGS / "ss2d/embedded.yaml"), *small, "--trainer.precision=64-true"]
     ss2d += ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
