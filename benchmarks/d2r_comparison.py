@@ -36,12 +36,12 @@ from cli_runs import REPO, cli, fit_once, split_overrides
 
 from datamodules.generated_landmarks import GeneratedLandmarksRevisited, GeneratedLandmarksSpec  # noqa: E402
 from datamodules.landmark_boxes import read_landmark_boxes, read_scored_boxes  # noqa: E402
-from retrieval.codebook import Codebook  # noqa: E402
+from retrieval.codebook import Codebook, sample_store_descriptors  # noqa: E402
 from retrieval.evaluation import evaluate_embeddings  # noqa: E402
 from retrieval.feature_store import FeatureStore  # noqa: E402
 from retrieval.files import write_text_atomic  # noqa: E402
 from retrieval.localisation import box_iou  # noqa: E402
-from retrieval.regional_search import KernelSettings, evaluate_kernel, local_sets  # noqa: E402
+from retrieval.regional_search import KernelSettings, evaluate_kernel  # noqa: E402
 
 DATASET = "generated_landmarks.GeneratedLandmarksRevisited"
 QUERIES, DATABASE = "rlandmarks_query", "rlandmarks_database"
@@ -129,7 +129,8 @@ def comparison(args, paths: dict[str, Path]) -> list[dict]:
     features = paths["features"]
     codebook_path = args.output / f"codebook_{args.codebook_size}.npy"
     if not codebook_path.is_file():
-        descriptors = np.concatenate(list(local_sets(FeatureStore(paths["codebook_store"]))))
+        # as the codebook command samples them: at most 256 per word, seeded
+        descriptors = sample_store_descriptors([paths["codebook_store"]], 256 * args.codebook_size, args.seed)
         Codebook.train(descriptors, args.codebook_size, seed=args.seed).save(codebook_path)
     codebook = Codebook.load(codebook_path)
     spec = GeneratedLandmarksSpec(**{k: _parsed(v) for k, v in args.spec.items()})

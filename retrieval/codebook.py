@@ -143,38 +143,24 @@ def sample_store_descriptors(stores: Sequence[str | os.PathLike], max_descriptor
     """``float32 [n, d]``: at most ``max_descriptors`` local descriptors drawn uniformly without replacement from
     the non-padding rows of all ``stores`` (every one if there are fewer), in store and row order.
 
-    One pass over the stores, ``_READ_ROWS`` images at a time: every descriptor gets a seeded uniform key and the
-    ``max_descriptors`` smallest keys are kept, so memory stays at the sample's size.
+    One pass over the stores (:meth:`~retrieval.feature_store.FeatureStore.local_sets`): every descriptor gets a
+    seeded uniform key and the ``max_descriptors`` smallest keys are kept, so memory stays at the sample's size.
     """
-    from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore, FeatureStoreError
+    from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore
 
     if max_descriptors < 1:
         raise ValueError(f"max_descriptors must be at least 1, got {max_descriptors}")
     if not stores:
         raise ValueError("give at least one feature store with local descriptors")
     opened = [FeatureStore(path) for path in stores]
-    dims = set()
-    for store in opened:
-        if not store.has_local:
-            raise FeatureStoreError(
-                f"{store.path} holds no local descriptors: a codebook is trained on local descriptors "
-                "(a store with a 'local' [N, L, 5 + D] dataset, e.g. extracted with num_local > 0)"
-            )
-        if store.local_encoding != "float":
-            raise FeatureStoreError(
-                f"{store.path} stores its local descriptors as {store.local_encoding} codes, not descriptors; "
-                "train the codebook on the uncompressed store"
-            )
-        dims.add(store.local_shape[1] - len(LOCAL_COLUMNS))
-    if len(dims) != 1:
+    sets = [store.local_sets(block=_READ_ROWS) for store in opened]
+    dims = {store.local_shape[1] - len(LOCAL_COLUMNS) for store in opened if store.has_local}
+    if len(dims) > 1:
         raise ValueError(f"the stores' local descriptors differ in dimension ({sorted(dims)}); give stores of one kind")
-    pad, first = LOCAL_COLUMNS.index("pad"), len(LOCAL_COLUMNS)
     generator = np.random.default_rng(seed)
-    kept, kept_keys, count = [np.empty((0, dims.pop()), dtype=np.float32)], [np.empty(0)], 0
-    for store in opened:
-        for start in range(0, store.num_images, _READ_ROWS):
-            local = store.local_descriptors(slice(start, min(start + _READ_ROWS, store.num_images)))
-            descriptors = local[local[..., pad] <= 0.5][:, first:].astype(np.float32)
+    kept, kept_keys, count = [np.empty((0, dims.pop() if dims else 0), dtype=np.float32)], [np.empty(0)], 0
+    for store_sets in sets:
+        for descriptors in store_sets:  # the first next() refuses a store without (float) locals
             kept.append(descriptors)
             kept_keys.append(generator.random(len(descriptors)))
             count += len(descriptors)

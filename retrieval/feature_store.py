@@ -269,6 +269,26 @@ class FeatureStore:
             codes = unpack_bits(_read_rows(f["local_bits"], rows), self.local_shape[1] - len(LOCAL_COLUMNS))
             return np.concatenate([meta, codes.astype(meta.dtype)], axis=-1)
 
+    def local_sets(self, rows: Sequence[int] | None = None, count: int | None = None, block: int = 1024):
+        """Per row (all rows by default), its non-padding local descriptors as ``float32 [n_i, D]`` (the first
+        ``count`` stored rows of each, the strongest), read ``block`` rows at a time. Refuses a store without
+        locals or with binary codes, which are not descriptors (a codebook or an aggregation needs descriptors)."""
+        if not self.has_local:
+            raise FeatureStoreError(
+                f"{self.path} holds no local descriptors (a 'local' [N, L, 5 + D] dataset, e.g. extracted with "
+                f"num_local > 0); expected {EXPECTED_LAYOUT}"
+            )
+        if self.local_encoding != "float":
+            raise FeatureStoreError(
+                f"{self.path} stores its local descriptors as {self.local_encoding} codes, not descriptors; use the "
+                "uncompressed store"
+            )
+        pad, first = LOCAL_COLUMNS.index("pad"), len(LOCAL_COLUMNS)
+        rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), block):
+            for local in self.local_descriptors(rows[start : start + block])[:, :count]:
+                yield np.ascontiguousarray(local[local[:, pad] < 0.5, first:], dtype=np.float32)
+
     def global_quantizer(self) -> ProductQuantizer | None:
         """The PQ codebook of the stored global codes (``None`` without codes), e.g. to encode queries alike."""
         if self.global_encoding != "pq":

@@ -38,15 +38,12 @@ from retrieval.asmk import (
 )
 from retrieval.codebook import ASMK_QUERY_ASSIGNMENTS, Codebook
 from retrieval.evaluation import evaluate_scores
-from retrieval.feature_store import LOCAL_COLUMNS, FeatureStore
+from retrieval.feature_store import FeatureStore
 from retrieval.ground_truth import GroundTruth, RevisitedGroundTruth
 from retrieval.inverted_file import InvertedFile
 from retrieval.regions import REGION_SEPARATOR, group_regions
 
 KERNELS = ("asmk", "asmk*", "r-asmk", "r-asmk*", "vlad", "r-vlad")
-PAD_COLUMN = LOCAL_COLUMNS.index("pad")
-# Stored rows read per HDF5 call while aggregating.
-READ_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -77,20 +74,6 @@ class KernelSettings:
         return self.kernel.endswith("vlad")
 
 
-def local_sets(store: FeatureStore, rows: Sequence[int] | None = None, count: int | None = None):
-    """The non-padding local descriptors (``float32 [n_i, D]``) of store rows (all rows by default), the first
-    ``count`` stored rows of each, read a block at a time."""
-    if not store.has_local:
-        raise ValueError(f"{store.path} holds no local descriptors; regional search aggregates local descriptors")
-    rows = np.arange(store.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
-    for start in range(0, len(rows), READ_ROWS):
-        block = store.local_descriptors(rows[start : start + READ_ROWS])
-        if count is not None:
-            block = block[:, :count]
-        for row in block:
-            yield np.ascontiguousarray(row[row[:, PAD_COLUMN] < 0.5, len(LOCAL_COLUMNS) :], dtype=np.float32)
-
-
 def image_regions(store: FeatureStore) -> tuple[list[str], list[np.ndarray]]:
     """Image ids of a store and the store rows of each image's regions (one row each in a plain store)."""
     ids = store.ids
@@ -115,7 +98,7 @@ def aggregate_store(
         regions = [rows[:1] for rows in regions]  # the whole image (region 0 is stored first)
     assignments = settings.query_assignments if query and not settings.vlad else 1
     counts = [len(rows) for rows in regions]
-    sets = local_sets(store, np.concatenate(regions), settings.num_locals)
+    sets = store.local_sets(np.concatenate(regions), settings.num_locals)
     images = []
     for count in tqdm(counts, desc=f"aggregate {store.path.name}", disable=not progress):
         region_sets = [next(sets) for _ in range(count)]

@@ -16,7 +16,7 @@ from retrieval.codebook import Codebook
 from retrieval.evaluation import evaluate_embeddings, evaluate_scores
 from retrieval.feature_store import FeatureStore
 from retrieval.ground_truth import PositivesGroundTruth, RevisitedGroundTruth
-from retrieval.regional_search import KernelSettings, aggregate_store, evaluate_kernel, local_sets
+from retrieval.regional_search import KernelSettings, aggregate_store, evaluate_kernel
 from retrieval.regional_search import main as regional_search_command
 from retrieval.regions import grid_boxes, group_regions, region_rows, split_region_id
 
@@ -166,7 +166,7 @@ def test_extracted_regions_aggregate_to_r_asmk_and_whole_image_asmk(extracted):
         FeatureStore(features / "rlandmarks_database_regions.h5"),
     )
     assert [split_region_id(i) for i in regional.ids[:5]] == [(plain.ids[0], r) for r in range(5)]
-    descriptors = np.concatenate(list(local_sets(plain)))
+    descriptors = np.concatenate(list(plain.local_sets()))
     codebook = Codebook.train(descriptors, 8, seed=0)
     # ASMK* from the regional store's whole-image rows is ASMK* of the plain store: same crops, same images
     settings = KernelSettings("asmk*", normalisation="word_counts")
@@ -178,7 +178,7 @@ def test_extracted_regions_aggregate_to_r_asmk_and_whole_image_asmk(extracted):
         np.testing.assert_array_equal(a.vectors, b.vectors)
     # R-ASMK* of an image: its five regions' descriptors aggregated together
     _, r_asmk = aggregate_store(regional, codebook, KernelSettings("r-asmk*"))
-    sets = list(local_sets(regional, range(5)))
+    sets = list(regional.local_sets(range(5)))
     bounds = np.cumsum([0] + [len(s) for s in sets])
     stacked = np.concatenate(sets)
     expected = aggregate_regional_asmk(
@@ -200,7 +200,7 @@ def test_kernels_are_scored_by_the_revisited_protocol(extracted):
     data = datamodule(extracted)
     data.setup("test")
     (eval_set,) = data.eval_sets("test")
-    codebook = Codebook.train(np.concatenate(list(local_sets(FeatureStore(features / "rlandmarks_database.h5")))), 8)
+    codebook = Codebook.train(np.concatenate(list(FeatureStore(features / "rlandmarks_database.h5").local_sets())), 8)
     database_ids = data.lists["rlandmarks_database"].paths
     results = {}
     for kernel in ("asmk*", "r-asmk*", "r-vlad"):
@@ -322,7 +322,7 @@ def test_the_revisited_recipe_extracts_regions_and_searches_in_the_published_lay
     # image 0: whole + the box above 0.1 (not the one at 0.05); image 2: whole + its box; the others: whole only
     assert [split_region_id(i)[1] for i in detected.ids] == [0, 1, 0, 0, 1, 0]
     assert FeatureStore(features / "rparis6k_database_grid.h5").num_images == 4 * 5
-    codebook = Codebook.train(np.concatenate(list(local_sets(FeatureStore(features / "rparis6k_database.h5")))), 16)
+    codebook = Codebook.train(np.concatenate(list(FeatureStore(features / "rparis6k_database.h5").local_sets())), 16)
     codebook.save(tmp_path / "codebook.npy")
     metrics = regional_search_command(
         ["--revisited", str(tmp_path / "data/revisited"), "--dataset", "roxford5k", "--codebook"]
