@@ -14,7 +14,8 @@ from reporting.run_results import read_run
 from retrieval.feature_store import FeatureStore
 
 CONFIGS = REPO / "configs"
-SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("data", "logger"))
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("data", "logger", "trainer"))
+TRAINER_SNIPPETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -40,6 +41,21 @@ def test_print_config_works_for_every_shipped_config(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
     assert "${" not in json.dumps(printed), "interpolations must be resolved"
+
+
+@pytest.mark.parametrize("snippet", TRAINER_SNIPPETS, ids=lambda p: p.name)
+def test_trainer_snippets_add_to_a_method_config(snippet, capsys):
+    """``--trainer configs/trainer/<x>.yaml`` sets its keys and keeps the method config's other trainer settings."""
+    with pytest.raises(SystemExit) as exit_info:
+        RetrievalCLI(
+            args=["fit", "--config", str(CONFIGS / "aesvc/sop.yaml"), "--trainer", str(snippet), "--print_config"]
+        )
+    assert exit_info.value.code in (None, 0)
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    for key, value in yaml.safe_load(snippet.read_text()).items():
+        assert trainer[key] == value, key
+    method = yaml.safe_load((CONFIGS / "aesvc/sop.yaml").read_text())["trainer"]
+    assert trainer["max_epochs"] == method["max_epochs"] and trainer["logger"]["class_path"].endswith("WandbLogger")
 
 
 def test_extraction_configs_are_those_the_generator_writes():

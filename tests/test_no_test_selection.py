@@ -13,7 +13,9 @@ from datamodules.embedded_local import EmbeddedLocalBenchmarkSpec
 from datamodules.landmark_boxes import LandmarkBoxes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAINING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("extract", "data", "logger"))
+TRAINING_CONFIGS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("extract", "data", "logger", "trainer")
+)
 GND = [{"easy": [0, 3], "hard": [5], "junk": [1]}, {"easy": [2], "hard": [4], "junk": []}]
 
 
