@@ -75,9 +75,10 @@ class KernelSettings:
 
 
 def image_regions(store: FeatureStore) -> tuple[list[str], list[np.ndarray]]:
-    """Image ids of a store and the store rows of each image's regions (one row each in a plain store)."""
+    """Image ids of a store and the store rows of each image's regions (one row each in a plain store). A store is
+    regional when its first id is ``<image id>#<number>``; then every id must be (checked)."""
     ids = store.ids
-    if ids and REGION_SEPARATOR in ids[0]:
+    if ids and ids[0].rpartition(REGION_SEPARATOR)[2].isdigit():
         return group_regions(ids)
     return list(ids), [np.array([row]) for row in range(len(ids))]
 
