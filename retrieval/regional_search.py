@@ -125,10 +125,11 @@ def _aggregate(descriptors, words, centroids, region_sizes: list[int], settings:
 
 def search_scores(queries, database, settings: KernelSettings, progress: bool = False) -> np.ndarray:
     """``float64 [num_queries, num_database]``: the kernel similarity of every query to every database image,
-    from the inverted file (ASMK kinds) or dense inner products (VLAD kinds)."""
+    from the inverted file (ASMK kinds: ``database`` the aggregated images or their :class:`InvertedFile`) or
+    dense inner products (VLAD kinds)."""
     if settings.vlad:
         return np.asarray(queries, dtype=np.float64) @ np.asarray(database, dtype=np.float64).T
-    index = InvertedFile(database)
+    index = database if isinstance(database, InvertedFile) else InvertedFile(database)
     return np.stack(
         [
             index.query_scores(query, settings.alpha, settings.threshold, settings.normalisation)
@@ -161,10 +162,11 @@ def evaluate_kernel(
             f"the database stores hold {len(ids)} images that are not the evaluation's {len(database_ids)} "
             "database images in order; extract the stores from the same lists"
         )
-    scores = search_scores(queries, database, settings, progress)
-    metrics = evaluate_scores(scores, ground_truth)
     if not settings.vlad:
-        metrics["bytes_per_image"] = InvertedFile(database).bytes_per_image
+        database = InvertedFile(database)  # built once: searched, then its memory reported
+    metrics = evaluate_scores(search_scores(queries, database, settings, progress), ground_truth)
+    if not settings.vlad:
+        metrics["bytes_per_image"] = database.bytes_per_image
     return metrics
 
 
