@@ -10,6 +10,10 @@ evaluation datasets; rank 0 collects the logits and scores, with the benchmark's
   module's ``(L_q, L_x)``; further ``(L_q, L_x)`` with the suffix ``@q<L_q>x<L_x>``;
 * ``<stage>/<set>/bytes_per_image``: memory of one database image as stored for that configuration.
 
+Rank 0 also times each configuration (into ``timing``, not a metric: :mod:`reporting.metrics_record`): the
+shortlist search and global scoring (``<stage>/<set>/global/ms_per_query``), plus scoring the pairs and fusing
+(``<stage>/<set>/ms_per_query`` with the metrics' suffix); tuning the fusion weights is not counted.
+
 At validation with ``tune_fusion`` the fusion weights are tuned on the first evaluation set, stored in the module
 (so its checkpoints carry them) and written to ``fusion.json`` in the run directory; test applies the module's
 values. Because each pair is scored in the same chunk whatever the number of processes, 1 and N processes log
@@ -19,6 +23,7 @@ the same numbers.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import EvalSet
+from reporting.metrics_record import QUERY_TIME
 from retrieval.files import write_text_atomic
 from retrieval.reranking import PairChunks, RerankingEvaluation, global_shortlist, tune_fusion
 
@@ -34,10 +40,18 @@ FUSION_FILE = "fusion.json"
 
 
 def rerank_eval_sets(
-    trainer, module, eval_sets: list[EvalSet], stage: str, gathered: dict[str, np.ndarray], device=None
+    trainer,
+    module,
+    eval_sets: list[EvalSet],
+    stage: str,
+    gathered: dict[str, np.ndarray],
+    device=None,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Metrics of the global and the re-ranked rankings of every evaluation set (on rank 0; every process
-    must call this, it scores its share of the pairs). ``gathered``: each part's global descriptors (rank 0)."""
+    must call this, it scores its share of the pairs). ``gathered``: each part's global descriptors (rank 0).
+    ``timing`` receives the milliseconds per query (rank 0; see the module docstring)."""
+    timing = {} if timing is None else timing
     metrics: dict[str, float] = {}
     configs = module.local_size_configs()
     if getattr(trainer.state.fn, "value", trainer.state.fn) == "fit":
@@ -49,6 +63,7 @@ def rerank_eval_sets(
         leave_one_out = eval_set.queries is None
         queries = database = None
         shortlist = None
+        started = time.perf_counter()
         if trainer.is_global_zero:
             queries = _concatenate([gathered[p] for p in eval_set.query_parts]) if not leave_one_out else None
             database = _concatenate([gathered[p] for p in eval_set.database_parts])
@@ -61,15 +76,21 @@ def rerank_eval_sets(
         if trainer.is_global_zero:
             evaluation = RerankingEvaluation(eval_set.ground_truth, queries, database, *shortlist, device=device)
             metrics.update({f"{stage}/{name}/global/{k}": v for k, v in evaluation.global_metrics().items()})
+            timing[f"{stage}/{name}/global/{QUERY_TIME}"] = ms_per_query(started, eval_set)
+        global_seconds = time.perf_counter() - started
         for number, (query_locals, database_locals) in enumerate(configs):
+            started = time.perf_counter()
             logits = score_shortlist(trainer, module, eval_set, shortlist[1], query_locals, database_locals)
             if not trainer.is_global_zero:
                 continue
+            scoring_seconds = time.perf_counter() - started
             suffix = "" if number == 0 else f"@q{query_locals}x{database_locals}"
             if number == 0 and set_number == 0 and stage == "val" and module.hparams.tune_fusion:
                 _tune(trainer, module, evaluation, logits, name)
             fusion = module.fusion
+            started = time.perf_counter() - global_seconds - scoring_seconds  # the tuning above is not counted
             scores = evaluation.metrics(logits, fusion["lambda"], fusion["gamma"], fusion["depth"])
+            timing[f"{stage}/{name}/{QUERY_TIME}{suffix}"] = ms_per_query(started, eval_set)
             scores["bytes_per_image"] = module.database_bytes_per_image(
                 database_locals, global_bytes_per_image(eval_set)
             )
@@ -78,6 +99,11 @@ def rerank_eval_sets(
             fusion = module.fusion
             metrics.update({f"{stage}/{name}/fusion_{k}": float(fusion[k]) for k in ("lambda", "gamma", "depth")})
     return metrics
+
+
+def ms_per_query(started: float, eval_set: EvalSet) -> float:
+    """Milliseconds per query of ``eval_set`` since ``started`` (a ``time.perf_counter()`` value)."""
+    return 1000.0 * (time.perf_counter() - started) / max(eval_set.ground_truth.num_queries, 1)
 
 
 def score_shortlist(trainer, module, eval_set: EvalSet, shortlist: np.ndarray, query_locals: int, database_locals: int):

@@ -18,6 +18,7 @@ size into ``size_curves_<stage>.png`` there and logs the same table and line plo
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,14 +28,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.reranking_stage import rerank_eval_sets
+from callbacks.reranking_stage import ms_per_query, rerank_eval_sets
 from datamodules.base import RetrievalDataModule
 from lightning_modules.base import method_name
 from lightning_modules.reranking import PairReranker
 from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, record_fit_result
 from reporting.metrics_record import (
+    BYTES_KEY,
     METHOD_KEY,
     METRICS_FILE,
+    QUERY_TIME,
     SIZE_KEY,
     add_evaluations,
     describe,
@@ -43,6 +46,7 @@ from reporting.metrics_record import (
 )
 from reporting.size_curves import curves_from_metrics, plot_size_curves
 from reporting.tables import format_table
+from retrieval.approximate_search import IVFPQSettings
 from retrieval.diagnostics import cosine_similarity_variance
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.files import write_text_atomic
@@ -59,15 +63,31 @@ class RetrievalEvaluation(pl.Callback):
         metrics_file: name of the JSON file of final metrics written into the run directory.
         cosine_variance: also log ``cos_var``, the variance of cosine similarities of random database
             pairs (the quantity AE-SVC minimises; ideal ``1/dim``).
+        approximate_search: search a faiss IVF-PQ index instead of exactly (``--evaluation.approximate_search
+            '{"nlist": 1024, "m": 64, "nprobe": 32}'``, the fields of
+            :class:`~retrieval.approximate_search.IVFPQSettings`; on the CPU), for databases of 1M+: the metrics
+            are the approximate ranking's, and ``<stage>/<set>/ann_recall@<k>`` is the recall of the exact
+            top-``k`` on ``recall_sample`` random queries. Not for re-ranking methods.
     """
 
-    def __init__(self, progress: bool = True, metrics_file: str = "metrics.json", cosine_variance: bool = False):
+    def __init__(
+        self,
+        progress: bool = True,
+        metrics_file: str = "metrics.json",
+        cosine_variance: bool = False,
+        approximate_search: IVFPQSettings | None = None,
+    ):
+        self.approximate_search = approximate_search
         self.progress = progress
         self.cosine_variance = cosine_variance
         self.metrics_file = metrics_file
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._fit_validations: dict[int, tuple[int, dict[str, float]]] = {}  # step -> (epoch, metrics)
+        self.last_timing: dict[str, dict[str, float]] = {}  # stage -> query times (rank 0), not metrics
+        #: On rank 0, while the ``evaluation_metrics`` hooks run: every evaluation part's gathered embeddings by part
+        #: name (what was scored), so a hook (the retrieval gallery) ranks from them; empty otherwise.
+        self.gathered: dict[str, np.ndarray] = {}
 
     # ---- collection -----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -94,6 +114,7 @@ class RetrievalEvaluation(pl.Callback):
         datamodule = _retrieval_datamodule(trainer)
         outputs = dict(self._outputs)
         self._outputs.clear()
+        self.last_timing[stage] = {}
         metrics = score_eval_sets(
             trainer,
             datamodule,
@@ -103,6 +124,9 @@ class RetrievalEvaluation(pl.Callback):
             self.cosine_variance,
             pl_module.size_views(),
             reranker=pl_module if isinstance(pl_module, PairReranker) else None,
+            timing=self.last_timing[stage],
+            keep_gathered=self.gathered,
+            approximate=self.approximate_search,
         )
         # Other callbacks add their metrics to the same evaluation (e.g. the localisation check); every process
         # calls them and gets the same metrics back.
@@ -111,6 +135,7 @@ class RetrievalEvaluation(pl.Callback):
                 metrics.update(callback.evaluation_metrics(trainer, pl_module, stage))
         # And the module's own non-retrieval metrics (e.g. the landmark detector's box mAP).
         metrics.update(pl_module.evaluation_metrics(stage))
+        self.gathered = {}  # released: held only for the hooks above
         for key, value in metrics.items():
             # Values are identical on all processes; sync_dist only keeps Lightning's epoch logging consistent.
             pl_module.log(key, value, sync_dist=True)
@@ -151,9 +176,9 @@ class RetrievalEvaluation(pl.Callback):
         if not entries:  # a fit that ran no validation in this process (e.g. resuming a finished run)
             return
         method = method_name(pl_module)
-        record = add_evaluations(
-            run_directory / self.metrics_file, entries, **{METHOD_KEY: method, SIZE_KEY: pl_module.retrieval_dim}
-        )
+        dim = pl_module.retrieval_dim
+        fields = {METHOD_KEY: method, SIZE_KEY: dim, BYTES_KEY: None if dim is None else 4 * dim}  # searched as float32
+        record = add_evaluations(run_directory / self.metrics_file, entries, self.last_timing.get(stage), **fields)
         shown = select_evaluation(record, stage) if subcommand == "fit" else entries[0]
         title = f"{stage} metrics of the {describe(shown)}"
         print(format_table(["metric", "value"], [[k, v] for k, v in shown["metrics"].items()], title=title))
@@ -267,6 +292,9 @@ def score_eval_sets(
     cosine_variance: bool = False,
     size_views: dict[int, slice] | None = None,
     reranker=None,
+    keep_gathered: dict | None = None,
+    timing: dict[str, float] | None = None,
+    approximate: IVFPQSettings | None = None,
 ) -> dict[str, float]:
     """Metrics of every evaluation set of ``stage`` from per-dataloader ``[(index, embeddings), ...]``.
 
@@ -277,18 +305,25 @@ def score_eval_sets(
     ``<stage>/<set>/<metric>@d<size>``; the unsuffixed keys repeat the largest size. With a ``reranker``
     (:class:`~lightning_modules.reranking.PairReranker`) the global ranking's shortlists are re-ranked
     (:mod:`callbacks.reranking_stage`): the plain keys are the re-ranked ranking's, ``<stage>/<set>/global/...``
-    the global one's.
+    the global one's. ``keep_gathered``: a dict that receives every part's gathered embeddings (rank 0).
+    ``timing``: a dict that receives (on rank 0) the milliseconds per query of each set's search and scoring,
+    ``<stage>/<set>/ms_per_query`` with the same suffixes as the metrics (kept apart: they are not metrics).
+    ``approximate``: IVF-PQ settings to search with instead of exact search (:func:`evaluate_embeddings`).
     """
     # Each part once, even when several evaluation sets share it (e.g. the 1M distractors of Oxford and Paris).
     gathered = {
         name: gather_by_index(trainer, outputs_of(loader_idx), len(dataset), name)
         for loader_idx, (name, dataset) in enumerate(datamodule.eval_parts(stage).items())
     }
+    if keep_gathered is not None:
+        keep_gathered.update(gathered)
     metrics: dict[str, float] = {}
     # Search where the evaluation runs: on its GPU when it has one (same rankings as the CPU path).
     device = trainer.strategy.root_device if trainer.strategy.root_device.type != "cpu" else None
+    if reranker is not None and approximate is not None:
+        raise ValueError("approximate_search is for global-embedding evaluation; re-ranking methods search exactly")
     if reranker is not None:
-        metrics = rerank_eval_sets(trainer, reranker, datamodule.eval_sets(stage), stage, gathered, device)
+        metrics = rerank_eval_sets(trainer, reranker, datamodule.eval_sets(stage), stage, gathered, device, timing)
         if trainer.is_global_zero:
             metrics.update(datamodule.summary_metrics(stage, metrics))
         return trainer.strategy.broadcast(metrics, src=0)
@@ -299,7 +334,12 @@ def score_eval_sets(
             all_database = _concatenate([gathered[part] for part in eval_set.database_parts])
             for suffix, columns in _size_columns(size_views):
                 queries, database = _unit_rows(all_queries, columns), _unit_rows(all_database, columns)
-                scores = evaluate_embeddings(queries, database, eval_set.ground_truth, progress=progress, device=device)
+                started = time.perf_counter()
+                scores = evaluate_embeddings(
+                    queries, database, eval_set.ground_truth, progress=progress, device=device, approximate=approximate
+                )
+                if timing is not None:
+                    timing[f"{stage}/{name}/{QUERY_TIME}{suffix}"] = ms_per_query(started, eval_set)
                 if cosine_variance:
                     scores["cos_var"] = cosine_similarity_variance(database)
                 metrics.update({f"{stage}/{name}/{metric}{suffix}": value for metric, value in scores.items()})
@@ -307,6 +347,8 @@ def score_eval_sets(
                 prefix, largest = f"{stage}/{name}/", f"@d{max(size_views)}"
                 of_largest = {k: v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(largest)}
                 metrics.update({k.removesuffix(largest): v for k, v in of_largest.items()})
+                if timing is not None:
+                    timing[f"{prefix}{QUERY_TIME}"] = timing[f"{prefix}{QUERY_TIME}{largest}"]
         metrics.update(datamodule.summary_metrics(stage, metrics))
     return trainer.strategy.broadcast(metrics, src=0)
 

@@ -15,11 +15,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+
+class AugmentationSettings(TypedDict, total=False):
+    """The arguments of :class:`TrainAugmentation`, typed, so that a command line or a sweep setting one of them
+    (``--data.init_args.train_augmentation.image_size=96``) gets a number, not a string."""
+
+    image_size: int
+    scale: Sequence[float]
+    ratio: Sequence[float]
+    flip_probability: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
 
 
 class TrainAugmentation:

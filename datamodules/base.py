@@ -246,6 +246,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         else:
             sampler = EpochPermutation(len(dataset), seed=seed)
         batches = GlobalBatchSampler(sampler, self.batch_size, rank, world_size)
+        if batches.left_out:  # the incomplete last global batch is dropped: say so
+            rank_zero_info(batches.summary)
         return ResumableDataLoader(
             dataset,
             batch_sampler=batches,

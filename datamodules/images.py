@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from datamodules.augmentation import TrainAugmentation
+from datamodules.augmentation import AugmentationSettings, TrainAugmentation
 from datamodules.base import EvalSet, EvalStage, RetrievalDataModule, RowSubset
 from datamodules.feature_store import EmbeddingDataset, collate_embeddings, training_locals
 from datamodules.hf_images import HFImageSource
@@ -326,7 +326,7 @@ class ImageBenchmark(RetrievalDataModule):
         local_descriptors: bool = False,
         train_locals: int | None = None,
         triplet_mining: TripletMining | None = None,
-        train_augmentation: dict | None = None,
+        train_augmentation: AugmentationSettings | None = None,
         class_balanced: ClassBalanced | None = None,
         regions: Regions | list[Regions] | None = None,
     ):

@@ -175,7 +175,11 @@ class ClassBalancedSampler(Sampler[int]):
 class GlobalBatchSampler(Sampler[list[int]]):
     """This process's slice of each global batch, plus skipping batches already trained on when resuming.
 
-    Incomplete last global batches are dropped, so every process runs the same number of equally sized steps.
+    Process ``r`` of ``W`` takes positions ``[r * B / W, (r + 1) * B / W)`` of every global batch of ``B``, so the
+    processes' batches of a step, in rank order, are the global batch of 1 process: nothing duplicated, nothing
+    dropped. Only the incomplete last global batch of an epoch is dropped (the last :attr:`left_out` items of the
+    epoch's order, the same for any number of processes), so every process runs the same number of equally sized
+    steps; :attr:`summary` says so, and the datamodules log it.
     """
 
     def __init__(self, sampler: EpochPermutation, global_batch_size: int, rank: int = 0, world_size: int = 1):
@@ -218,6 +222,20 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.sampler) // self.global_batch_size
+
+    @property
+    def left_out(self) -> int:
+        """Items at the end of every epoch's order that fill no global batch (different ones each epoch when the
+        order is shuffled)."""
+        return len(self.sampler) % self.global_batch_size
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"{len(self.sampler)} training items per epoch in {len(self)} global batches of {self.global_batch_size} "
+            f"({self.local_batch_size} per process x {self.world_size}); the last {self.left_out} of each "
+            "epoch's order fill no global batch and are left out of that epoch"
+        )
 
 
 class ResumableDataLoader(DataLoader):

@@ -1,34 +1,46 @@
-"""One LightningModule per method; ``cli.py`` is the entry point."""
+"""One LightningModule per method; ``cli.py`` is the entry point.
 
-from lightning_modules.aesvc import AESVC, AESVCPerSize, MatryoshkaAESVC
-from lightning_modules.ames import AMES
-from lightning_modules.asmk_reranker import AsmkReranker
-from lightning_modules.base import ClosedFormModule, RetrievalModule
-from lightning_modules.d2r import LandmarkDetector
-from lightning_modules.delf import DelfLocalFeatures
-from lightning_modules.extraction import FeatureExtractor
-from lightning_modules.projections import PCAProjection, RawEmbedding
-from lightning_modules.rrt import RRT
-from lightning_modules.spatial_context import SpatialContextRetrieval
-from lightning_modules.ss2d import SS2D, SSD
-from lightning_modules.vae import VAEPerSize
+The methods are imported on first use (``lightning_modules.AESVC``, as configs name them), so that light tools of
+this package (the offline sweep runner, which only starts trials) do not import every model and its libraries.
+"""
 
-__all__ = [
-    "AESVC",
-    "AMES",
-    "AsmkReranker",
-    "AESVCPerSize",
-    "ClosedFormModule",
-    "DelfLocalFeatures",
-    "FeatureExtractor",
-    "LandmarkDetector",
-    "MatryoshkaAESVC",
-    "PCAProjection",
-    "RawEmbedding",
-    "RetrievalModule",
-    "RRT",
-    "SpatialContextRetrieval",
-    "SS2D",
-    "SSD",
-    "VAEPerSize",
-]
+from importlib import import_module
+
+_MODULE_OF = {
+    "AESVC": "aesvc",
+    "AESVCPerSize": "aesvc",
+    "MatryoshkaAESVC": "aesvc",
+    "AMES": "ames",
+    "AsmkReranker": "asmk_reranker",
+    "ClosedFormModule": "base",
+    "RetrievalModule": "base",
+    "LandmarkDetector": "d2r",
+    "DelfLocalFeatures": "delf",
+    "FeatureExtractor": "extraction",
+    "PCAProjection": "projections",
+    "RawEmbedding": "projections",
+    "RRT": "rrt",
+    "SpatialContextRetrieval": "spatial_context",
+    "SS2D": "ss2d",
+    "SSD": "ss2d",
+    "VAEPerSize": "vae",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+def import_all_methods() -> None:
+    """Import every method, so that the CLI knows them all as subclasses of ``RetrievalModule`` (its help lists them)."""
+    for name in __all__:
+        __getattr__(name)

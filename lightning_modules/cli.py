@@ -1,6 +1,6 @@
 """Command line: ``python -m lightning_modules.cli {fit,validate,test,predict} --config <yaml> [--key=value ...]``,
-and ``python -m lightning_modules.cli compare RUN [RUN ...]`` (accuracy against embedding size of finished runs,
-:mod:`reporting.size_curves`).
+and ``python -m lightning_modules.cli compare RUN [RUN ...]`` (finished runs and sweeps of any methods compared per
+dataset: metrics, size, bytes per image, query time; :mod:`reporting.method_comparison`).
 
 LightningCLI in subclass mode (``class_path`` / ``init_args``), with OmegaConf interpolation inside a config file
 (``${model.init_args.latent_dim}``). On top of Lightning's CLI:
@@ -31,10 +31,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 from callbacks.run_config import SaveRunConfig
+from callbacks.sweep_metric import SweepMetric
 from datamodules.base import RetrievalDataModule
+from lightning_modules import import_all_methods
 from lightning_modules.base import MODEL_CLASS_KEY, RetrievalModule
 from lightning_modules.run_directory import choose_run_directory, export_run_directory, is_global_zero, prepare_run
-from reporting import size_curves
+from reporting import method_comparison
+
+import_all_methods()  # every method is a subclass the parser can name and list
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRACEBACK_ENV = "RETRIEVAL_TRACEBACK"
@@ -44,7 +48,8 @@ LIGHTNING_CHECKPOINT_NAMES = ("best", "hpc", "registry")
 PROJECT_PACKAGES = ("lightning_modules", "datamodules", "retrieval", "reporting", "callbacks")
 DESCRIPTION = (
     "Train and evaluate image-retrieval methods with the subcommands below. One more command: "
-    "'compare RUN [RUN ...]' plots and tabulates accuracy against embedding size of finished runs "
+    "'compare RUN [RUN ...]' tabulates and plots finished runs and sweeps of any methods per dataset (metrics, "
+    "bytes per image, query time; accuracy against bytes or against embedding size) "
     "(python -m lightning_modules.cli compare --help). An error the project raises on purpose prints one line; "
     f"set {TRACEBACK_ENV}=1 for its traceback."
 )
@@ -194,6 +199,7 @@ class RetrievalCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(Path(self.run_directory) / "checkpoints")
+        trainer.callbacks.append(SweepMetric())  # best-so-far W&B summary, real run id, offline sweep progress
         return trainer
 
     def _clean_up_failed_run(self) -> None:
@@ -229,17 +235,26 @@ def default_run_root(config) -> Path:
 
 
 def main(args=None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
+    argv = [agent_argument(a) for a in (sys.argv[1:] if args is None else list(args))]
     try:
-        if argv[:1] == ["compare"]:  # not a Lightning subcommand: plots finished runs against embedding size
-            size_curves.main(argv[1:])
+        if argv[:1] == ["compare"]:  # not a Lightning subcommand: compares finished runs
+            method_comparison.main(argv[1:])
             return
-        RetrievalCLI(args=args)
+        RetrievalCLI(args=argv)
     except Exception as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not raised_on_purpose(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+def agent_argument(argument: str) -> str:
+    """An argument as the parser reads it. A W&B sweep agent writes each parameter as ``--name=<str(value)>``:
+    ``True``, ``[1024, 512]`` and ``1e-05`` parse as they are, but a null value arrives as ``None``, which YAML
+    reads as a string: it becomes ``null``."""
+    if argument.startswith("--") and argument.endswith("=None"):
+        return argument[: -len("None")] + "null"
+    return argument
 
 
 def raised_on_purpose(error: BaseException) -> bool:

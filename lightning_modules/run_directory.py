@@ -1,7 +1,7 @@
 """Run directories: where one run's config, checkpoints, metrics and W&B files live.
 
 ``<trainer.default_root_dir>/version_<N>/`` holds ``config.yaml`` (the fully resolved config, seed
-included), ``run.json`` (seed, W&B run id, command lines, and once ``fit`` has finished its best checkpoint;
+included), ``run.json`` (seed, W&B run id and sweep id, command lines, and once ``fit`` has finished its best checkpoint;
 the resolved paths and hashes of inputs such as a teacher checkpoint), ``checkpoints/``, ``metrics.json`` and
 ``wandb/``. Every new run gets the next version, so a second run with the same config never collides with the
 first.
@@ -58,6 +58,8 @@ class RunInfo:
     finished: str | None = None
     #: inputs resolved at run time, e.g. ``{"teacher_checkpoint": {"path": ..., "sha256": ...}}``
     inputs: dict | None = None
+    #: the W&B sweep the run belongs to (its id as W&B gives it; ``wandb_id`` is then the id the agent chose)
+    wandb_sweep_id: str | None = None
 
     def save(self) -> None:
         write_text_atomic(Path(self.directory) / RUN_FILE, json.dumps(asdict(self), indent=2) + "\n")
@@ -227,7 +229,9 @@ def run_directory_of(checkpoint: Path) -> Path | None:
 def prepare_run(directory: Path, seed: int | None) -> RunInfo:
     """Create the directory and record this invocation in ``run.json`` (rank 0 only writes)."""
     directory.mkdir(parents=True, exist_ok=True)
-    info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=new_wandb_id(), commands=[])
+    # A W&B sweep agent chooses the run's id (WANDB_RUN_ID): W&B would replace any other inside a sweep.
+    wandb_id = os.environ.get("WANDB_RUN_ID") or new_wandb_id()
+    info = RunInfo.load(directory) or RunInfo(directory=str(directory), wandb_id=wandb_id, commands=[])
     info.directory = str(directory)  # where the run is now, should it have been moved
     if is_global_zero():
         info.seed = seed

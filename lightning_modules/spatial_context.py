@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning_modules.base import ClassifiesTrainingLabels, LRSchedule, RetrievalModule
 from lightning_modules.nn.backbones import FeatureMapBackbone
 from lightning_modules.nn.margin_heads import ArcFace, ContiguousLabels, CosFace
-from lightning_modules.nn.spatial_context import SpatialContextPooling
+from lightning_modules.nn.spatial_context import PoolingSettings, SpatialContextPooling
 
 MarginHead = Literal["arcface", "cosface"]
 #: The slides' ablations as ``pooling`` settings, by name (the benchmarks train and time each of them).
@@ -67,7 +67,7 @@ class SpatialContextRetrieval(ClassifiesTrainingLabels, RetrievalModule):
         channels_last: bool = False,
         grad_checkpointing: bool = False,
         embedding_dim: int = 512,
-        pooling: dict | None = None,
+        pooling: PoolingSettings | None = None,
         head: MarginHead = "arcface",
         margin: float = 0.15,
         scale: float = 30.0,

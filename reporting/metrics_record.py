@@ -5,6 +5,8 @@ The file is one JSON object, meant to be read by people as well as by ``compare`
     {
       "method": "AE-SVC",
       "embedding_size": 64,
+      "bytes_per_image": 256,
+      "timing": {"val/embedded/ms_per_query": 0.031, ...},
       "headline": {"val": "best checkpoint checkpoints/epoch012-step000130.ckpt (fit)"},
       "val/embedded/recall@1": 0.462,                    <- headline numbers, one set per stage
       ...
@@ -25,6 +27,14 @@ The file is one JSON object, meant to be read by people as well as by ``compare`
 * The top-level ``<stage>/...`` keys repeat, for each stage, the metrics of one well-defined evaluation
   (:func:`select_evaluation` with ``"best"``), and ``headline`` says which: a ``validate`` of another
   checkpoint is recorded but never replaces them.
+* ``bytes_per_image``: what one database image takes in the search of a global-descriptor method (its largest
+  embedding as float32, the dtype the evaluation searches); a re-ranker logs its own per configuration as the
+  metric ``<stage>/<set>/bytes_per_image``.
+* ``timing``: wall-clock milliseconds per query of the newest evaluation of each stage, on the process and device
+  that searched: ``<stage>/<set>/ms_per_query`` (search, plus re-ranking where there is one, plus scoring the
+  ranking; ``@d<size>`` / ``@q<L_q>x<L_x>`` for other sizes, ``<stage>/<set>/global/ms_per_query`` the global
+  search alone). Not a metric: it changes from run to run, so it is kept out of ``evaluations`` (which two runs
+  of the same training reproduce exactly) and never selects anything.
 """
 
 from __future__ import annotations
@@ -42,6 +52,11 @@ METHOD_KEY = "method"
 SIZE_KEY = "embedding_size"
 EVALUATIONS_KEY = "evaluations"
 HEADLINE_KEY = "headline"
+#: Key of a global-descriptor method's bytes per database image (see the module docstring).
+BYTES_KEY = "bytes_per_image"
+#: Key of the query times, and the name of a query time within it (``<stage>/<set>/ms_per_query``).
+TIMING_KEY = "timing"
+QUERY_TIME = "ms_per_query"
 
 
 class MetricsRecordError(ValueError):
@@ -87,14 +102,19 @@ def evaluation(
     return entry
 
 
-def add_evaluations(path: str | Path, entries: list[dict], **fields) -> dict:
+def add_evaluations(path: str | Path, entries: list[dict], timing: dict[str, float] | None = None, **fields) -> dict:
     """Add ``entries`` to the record in ``path`` (replacing entries with the same stage, subcommand and
-    checkpoint), set the top-level ``fields`` (e.g. ``method``), refresh the headline and write it atomically."""
+    checkpoint), set the top-level ``fields`` (e.g. ``method``), refresh the headline and write it atomically.
+    ``timing`` (``<stage>/...`` query times) replaces the recorded times of its stages."""
     record = load_record(path)
     same = lambda a, b: _identity(a) == _identity(b)
     kept = [old for old in record[EVALUATIONS_KEY] if not any(same(old, new) for new in entries)]
     record = {k: v for k, v in record.items() if "/" not in k}  # headline numbers are recomputed below
     record.update(fields)
+    if timing:
+        stages = {key.split("/", 1)[0] for key in timing}
+        older = {k: v for k, v in record.get(TIMING_KEY, {}).items() if k.split("/", 1)[0] not in stages}
+        record[TIMING_KEY] = {**older, **{k: float(v) for k, v in sorted(timing.items())}}
     record[EVALUATIONS_KEY] = kept + list(entries)
     record[HEADLINE_KEY] = {}
     for stage in sorted({e["stage"] for e in record[EVALUATIONS_KEY]}):

@@ -7,7 +7,9 @@ A run is named by any of:
 * a local W&B run directory ``.../wandb/offline-run-*`` or ``run-*`` (or the ``wandb/`` folder, for its newest
   run): the copy of ``metrics.json`` the run keeps among its files (``files/metrics.json``);
 * a W&B run path ``entity/project/run_id``, read through W&B's public API (``wandb.Api``): its
-  ``metrics.json`` file, else its summary (the last value of each metric).
+  ``metrics.json`` file, else its summary (the last value of each metric);
+* a sweep directory (it holds ``sweep.yaml``): its best trial, chosen on the sweep's val metric
+  (:mod:`reporting.sweep_results`).
 
 W&B's binary run log (``run-<id>.wandb``) is not read: its format is private to W&B.
 """
@@ -42,6 +44,7 @@ class RunMetrics:
     metrics: dict[str, float]
     source: str  # e.g. "runs/aesvc/embedded/version_0/metrics.json: best checkpoint checkpoints/... (fit)"
     record: dict = field(default_factory=dict, repr=False)
+    location: str | None = None  # the run directory (or W&B run path) the metrics were read from
 
 
 def read_run(path: str | Path, stage: str = "val", checkpoint: str = "best") -> RunMetrics:
@@ -49,8 +52,14 @@ def read_run(path: str | Path, stage: str = "val", checkpoint: str = "best") -> 
     :func:`reporting.metrics_record.select_evaluation` picks for ``checkpoint``."""
     location = Path(path)
     if location.is_dir():
+        from reporting.sweep_results import best_trial, is_sweep_directory  # it reads its trials with read_run
+
+        if is_sweep_directory(location):
+            return read_run(best_trial(location).trial.run_directory, stage, checkpoint)
         file = _local_metrics_file(location)
-        return _from_record(load_record(file), str(file), stage, checkpoint)
+        run = _from_record(load_record(file), str(file), stage, checkpoint)
+        run.location = str(file.parent.parent if file.parent.name == "files" else file.parent)  # a W&B run: its dir
+        return run
     if location.exists():
         raise RunResultsError(f"{path} is a file: name a run directory, a root of runs or a W&B run")
     if _looks_like_wandb_path(str(path)):
@@ -59,6 +68,14 @@ def read_run(path: str | Path, stage: str = "val", checkpoint: str = "best") -> 
         f"{path} does not exist (expected a run directory, a root of runs, a W&B run directory, or a W&B run "
         "path entity/project/run_id)"
     )
+
+
+def split_label(spec: str) -> tuple[str, str]:
+    """``("LABEL", "PATH")`` from ``LABEL=PATH``; ``("", spec)`` for a plain path (or a path with ``=`` in it)."""
+    if "=" in spec and not Path(spec).exists():
+        label, _, path = spec.rpartition("=")
+        return label, path
+    return "", spec
 
 
 def _local_metrics_file(path: Path) -> Path:
@@ -111,7 +128,9 @@ def _read_wandb_api_run(run_path: str, stage: str, checkpoint: str) -> RunMetric
         with tempfile.TemporaryDirectory() as directory:
             run.file(METRICS_FILE).download(root=directory, replace=True)
             record = load_record(Path(directory) / METRICS_FILE)
-        return _from_record(record, f"W&B run {run_path} ({METRICS_FILE})", stage, checkpoint)
+        run = _from_record(record, f"W&B run {run_path} ({METRICS_FILE})", stage, checkpoint)
+        run.location = run_path
+        return run
     summary = dict(run.summary)
     metrics = {
         k: float(v)
@@ -126,4 +145,5 @@ def _read_wandb_api_run(run_path: str, stage: str, checkpoint: str) -> RunMetric
         embedding_size=int(size) if size is not None else None,
         metrics=metrics,
         source=f"W&B run {run_path}: the summary (last logged {stage} values; checkpoint not recorded)",
+        location=run_path,
     )

@@ -5,8 +5,10 @@ Methods with embeddings of several sizes log ``<stage>/<set>/<metric>@d<size>``
 draws them (one panel per metric, one line per method, sizes on a log2 axis) and tabulates them. A method of
 one size (raw embeddings, PCA, an AE-SVC without ``prefix_sizes``) is one point at its size.
 
-``python -m lightning_modules.cli compare RUN [RUN ...]`` (or ``python -m reporting.size_curves``) reads
-finished runs (:mod:`reporting.run_results`) and draws all methods on the same axes: the figure a paper shows.
+``python -m lightning_modules.cli compare RUN [RUN ...] --output PNG [--table MD]`` (or ``python -m
+reporting.size_curves RUN [RUN ...]``) reads finished runs (:mod:`reporting.run_results`) and draws all methods on
+the same axes: the figure a paper shows. (Without ``--output`` / ``--table``, ``compare`` writes the cross-method
+report instead: :mod:`reporting.method_comparison`.)
 A run may be given as ``LABEL=PATH`` to name its line. Each run contributes one evaluation, the best
 checkpoint's by default (``--checkpoint``), and the command prints which.
 """
@@ -17,7 +19,7 @@ import argparse
 import re
 from pathlib import Path
 
-from reporting.run_results import RunMetrics, RunResultsError, read_run
+from reporting.run_results import RunMetrics, RunResultsError, read_run, split_label
 from retrieval.files import replace_atomically, write_text_atomic
 
 SIZE_KEY = re.compile(r"^(?P<stage>[^/]+)/(?P<metric>.+)@d(?P<size>\d+)$")
@@ -122,7 +124,7 @@ def compare_runs(runs: list[str], stage: str = "val", checkpoint: str = "best") 
     curves_by_method: dict[str, Curves] = {}
     sources = []
     for run in runs:
-        label, _, path = run.rpartition("=") if "=" in run and not Path(run).exists() else ("", "", run)
+        label, path = split_label(run)
         result = read_run(path, stage, checkpoint)
         label = label or result.method or Path(path).name
         while label in curves_by_method:  # two runs of one method: keep both lines
@@ -132,17 +134,13 @@ def compare_runs(runs: list[str], stage: str = "val", checkpoint: str = "best") 
     return curves_by_method, sources
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.cli compare",
-        description="Plot and tabulate accuracy against embedding size for several runs on the same axes "
-        "(a method of one size is drawn as a point at its size).",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The runs and the size-curve options (shared with ``compare``, :mod:`reporting.method_comparison`)."""
     parser.add_argument(
         "runs",
         nargs="+",
-        help="run directories, roots of runs, W&B run directories or W&B run paths entity/project/id; "
-        "LABEL=PATH names a line",
+        help="run directories, roots of runs, W&B run directories, W&B run paths entity/project/id, or sweep "
+        "directories (their best trial on the sweep's val metric); LABEL=PATH names a line",
     )
     parser.add_argument("--stage", default="val", help="which stage's metrics (val or test)")
     parser.add_argument(
@@ -152,10 +150,25 @@ def main(argv: list[str] | None = None) -> None:
         "or a checkpoint file name",
     )
     parser.add_argument("--metric", action="append", help="'<set>/<metric>', e.g. embedded/mAP@100 (repeatable)")
-    parser.add_argument("--output", default="size_comparison.png", help="the PNG to write")
-    parser.add_argument("--table", help="also write the tables as Markdown to this file")
-    parser.add_argument("--title", help="figure title")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--output", default="size_comparison.png", help="the PNG of accuracy against embedding size to write"
+    )
+    parser.add_argument("--table", help="also write the accuracy-against-embedding-size tables as Markdown here")
+    parser.add_argument("--title", help="title of the accuracy-against-embedding-size figure")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m reporting.size_curves",
+        description="Plot and tabulate accuracy against embedding size for several runs on the same axes "
+        "(a method of one size is drawn as a point at its size).",
+    )
+    add_arguments(parser)
+    write_size_curves(parser.parse_args(argv), parser)
+
+
+def write_size_curves(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Print the sources and tables of accuracy against embedding size, write the PNG (and the Markdown)."""
     try:
         curves_by_method, sources = compare_runs(args.runs, args.stage, args.checkpoint)
     except RunResultsError as error:

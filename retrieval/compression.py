@@ -54,7 +54,9 @@ def binary_codes(descriptors, projection: np.ndarray) -> np.ndarray:
             f"projection of shape {projection.shape} does not apply to descriptors of dimension "
             f"{descriptors.shape[-1]}; expected [D, bits]"
         )
-    return np.where(descriptors @ projection > 0, 1.0, -1.0).astype(np.float32)
+    # One 2-D product: numpy multiplies a [B, L, D] stack matrix by matrix, about 15 times slower.
+    products = descriptors.reshape(-1, descriptors.shape[-1]) @ projection
+    return np.where(products > 0, 1.0, -1.0).astype(np.float32).reshape(*descriptors.shape[:-1], projection.shape[1])
 
 
 def itq_projection(

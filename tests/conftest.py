@@ -59,10 +59,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_in_two_processes(worker, *args) -> dict:
+def run_in_two_processes(worker, *args, timeout: float = 120) -> dict:
     """``{rank: result}`` of ``worker(rank, port, *args, queue)`` run in 2 spawned processes; the worker puts
     ``(rank, result)`` on the queue (numpy arrays: tensors would be shared through a file descriptor of an
-    exiting process)."""
+    exiting process) within ``timeout`` seconds."""
     import torch.multiprocessing as mp
 
     context, port = mp.get_context("spawn"), free_port()
@@ -70,7 +70,7 @@ def run_in_two_processes(worker, *args) -> dict:
     processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(2)]
     for process in processes:
         process.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
+    results = dict(queue.get(timeout=timeout) for _ in processes)
     for process in processes:
         process.join(timeout=60)
     return results

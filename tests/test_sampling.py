@@ -1,11 +1,17 @@
 """Global batches are the same with 1 or N processes; resuming skips exactly the batches already trained on."""
 
+import logging
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from datamodules.base import RetrievalDataModule
+from datamodules.pair_sampling import MinedTriplets
 from datamodules.sampling import (
+    ClassBalancedSampler,
     EpochPermutation,
     GlobalBatchSampler,
     ResumableDataLoader,
@@ -103,3 +109,98 @@ def test_shape_batches_hold_one_shape_each_and_every_index_once():
     assert len(ShapeBatchSampler(indices, shapes, batch_size=2)) == 4
     with pytest.raises(ValueError, match="7 indices but 6 shapes"):
         ShapeBatchSampler(indices, shapes[:-1], 2)
+
+
+# ---- every training sampler under DDP: the processes share out the global batches of 1 process ---------------------
+
+
+def _mined_triplets():
+    # 40 anchors of 8 classes, each listing its 4 same-class others then 11 random others, scores decreasing: every
+    # anchor is usable, so 40 triplets per epoch, 3 global batches of 12 and 4 left out.
+    labels = np.repeat(np.arange(8), 5)
+    rng = np.random.default_rng(0)
+    indices = np.stack(
+        [
+            np.concatenate(
+                [
+                    np.flatnonzero((labels == labels[a]) & (np.arange(40) != a)),
+                    rng.choice(np.flatnonzero(labels != labels[a]), 11, replace=False),
+                ]
+            )
+            for a in range(40)
+        ]
+    )
+    scores = np.tile(np.linspace(0.9, 0.1, 15, dtype=np.float32), (40, 1))
+    return MinedTriplets(indices, scores, labels, min_positives=1, min_negatives=1, seed=5)
+
+
+TRAINING_SAMPLERS = {
+    # 103 examples: 8 global batches of 12, the last 7 of each epoch's order left out
+    "permutation": lambda: EpochPermutation(103, seed=5),
+    # 11 classes of 2 to 6 images (and one of a single image, skipped) in batches of 4 classes x 3 images
+    "class_balanced": lambda: ClassBalancedSampler(np.repeat(np.arange(12), [2, 3, 4, 5, 6, 1] * 2), 4, 3, seed=5),
+    "mined_triplets": _mined_triplets,
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("kind", TRAINING_SAMPLERS)
+def test_processes_share_out_the_global_batches_of_one_process(kind, world_size):
+    def process_batches(rank, size):
+        sampler = TRAINING_SAMPLERS[kind]()
+        sampler.set_epoch(2)  # every process sets its own sampler's epoch, as Lightning does
+        return GlobalBatchSampler(sampler, 12, rank, size)
+
+    single = process_batches(0, 1)
+    order = list(single.sampler)  # the epoch's order, the same on every process
+    shards = [list(process_batches(rank, world_size)) for rank in range(world_size)]
+    steps = len(order) // 12
+    expected_left_out = {"permutation": 7, "class_balanced": 0, "mined_triplets": 4}[kind]
+    assert len(order) - steps * 12 == single.left_out == process_batches(0, world_size).left_out == expected_left_out
+    assert all(len(shard) == steps for shard in shards)  # every process runs the same steps...
+    assert {len(batch) for shard in shards for batch in shard} == {12 // world_size}  # ...of equal size
+    for step, global_batch in enumerate(single):
+        # disjoint slices of the step's global batch of 1 process, in rank order: nothing duplicated or dropped
+        assert sum((shard[step] for shard in shards), []) == global_batch == order[step * 12 : (step + 1) * 12]
+    if kind == "permutation":  # every example once per epoch, but for the documented incomplete last batch
+        seen = [i for shard in shards for batch in shard for i in batch]
+        assert sorted(seen + order[steps * 12 :]) == list(range(103))
+    if expected_left_out:
+        assert f"the last {expected_left_out} of each epoch's order fill no global batch" in single.summary
+
+
+class _LabelledExamples(torch.utils.data.Dataset):
+    labels = np.repeat(np.arange(10), 4)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"index": index, "label": int(self.labels[index])}
+
+
+class _Examples(RetrievalDataModule):
+    def train_dataset(self):
+        return _LabelledExamples()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("balanced", [False, True], ids=["shuffled", "class_balanced"])
+def test_the_datamodule_gives_each_process_its_share_of_every_global_batch(world_size, balanced, caplog):
+    def loader(rank, size):
+        data = _Examples(batch_size=6, shuffle_seed=1)
+        data.set_class_balanced({"classes_per_batch": 3, "images_per_class": 2} if balanced else None)
+        strategy = SimpleNamespace(root_device=torch.device("cpu"))
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=size, strategy=strategy)
+        return data.train_dataloader()
+
+    with caplog.at_level(logging.INFO):
+        single = [batch["index"].tolist() for batch in loader(0, 1)]
+    shards = [[batch["index"].tolist() for batch in loader(rank, world_size)] for rank in range(world_size)]
+    assert len(single) == (4 if balanced else 6)  # 10 classes in batches of 3; 40 examples in batches of 6
+    assert all(len(shard) == len(single) for shard in shards)
+    for step, global_batch in enumerate(single):
+        assert sum((shard[step] for shard in shards), []) == global_batch
+    # the 4 examples the 6 batches of 6 leave out of each epoch are said
+    dropped = "40 training items per epoch in 6 global batches of 6 (6 per process x 1); the last 4 of"
+    assert (dropped in caplog.text) != balanced

@@ -290,6 +290,7 @@ class FeatureMapBackbone(nn.Module):
         if not hasattr(backbone, "forward_features"):
             raise ValueError(f"{type(backbone).__name__} is not a timm model: it has no forward_features")
         self._stride = None if self.is_vit else int(backbone.feature_info[-1]["reduction"])
+        self._channels: int | None = None
         if feature_layer is not None:
             self._stride = self._cut_at(feature_layer)
         config = timm.data.resolve_model_data_config(backbone)
@@ -318,11 +319,13 @@ class FeatureMapBackbone(nn.Module):
                 f"feature_layer must be one of {names} or an index below {len(infos)}, got {feature_layer!r}"
             )
         self.backbone.prune_intermediate_layers([index], prune_head=True)
+        # From feature_info: timm before 1.0.30 keeps the whole network's num_features after pruning.
+        self._channels = int(infos[index]["num_chs"])
         return int(infos[index]["reduction"])
 
     @property
     def out_channels(self) -> int:
-        return int(self.backbone.num_features)
+        return self._channels or int(self.backbone.num_features)
 
     @property
     def stride(self) -> int:

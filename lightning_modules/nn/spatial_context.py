@@ -24,7 +24,7 @@ Where the slides are silent, the choice made is said at the class that makes it,
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -461,6 +461,32 @@ class SpatialContextOutput(NamedTuple):
     descriptor: Tensor
     smoothed: Tensor
     graph: GraphRefinementOutput | None
+
+
+class PoolingSettings(TypedDict, total=False):
+    """The keyword arguments of :class:`SpatialContextPooling` after its dimensions, typed, so that a command line
+    (or a sweep) setting one of them, e.g. ``--model.init_args.pooling.kernel_size=5``, gets an ``int``, not a
+    string."""
+
+    smoothing: Smoothing
+    refinement: Refinement
+    kernel_size: int
+    kernel_dim: int
+    smoothing_residual: bool
+    confidence_activation: ConfidenceActivation
+    normalize_kernel_features: bool
+    num_nodes: int
+    num_neighbors: int
+    edge_mode: EdgeMode
+    feature_weight: float
+    num_gcn_blocks: int
+    graph_output: GraphOutput
+    score_gate: ScoreGate
+    gate_target: GateTarget
+    gem_p: float
+    learn_p: bool
+    per_channel_p: bool
+    normalize_before_whitening: bool
 
 
 class SpatialContextPooling(nn.Module):
