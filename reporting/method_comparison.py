@@ -295,7 +295,7 @@ def describe_stage(report: DatasetReport) -> str:
     return (
         f"**{report.stage}** metrics of the checkpoint chosen on val (by default each run's best checkpoint on its "
         f"val monitor); a sweep stands for its best trial on its val metric, several inputs of one method for the "
-        f"best on {chosen}: nothing is chosen on {report.stage} data."
+        f"best on val: nothing is chosen on {report.stage} data."
     )
 
 
