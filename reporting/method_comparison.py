@@ -75,10 +75,11 @@ class Row:
 class DatasetReport:
     dataset: str
     stage: str
-    metric: str  # plotted, and what chooses among a method's configurations (on val)
+    metric: str  # plotted
     columns: list[str]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    chosen_on: str = ""  # the val metric that chooses among a method's configurations (default: ``metric``)
 
     @property
     def header(self) -> list[str]:
@@ -188,6 +189,13 @@ def default_metric(names) -> str:
     return next((m for m in PREFERRED_METRICS if m in names), sorted(names)[0] if names else "")
 
 
+def selection_metric(candidates: list[Candidate], dataset: str, metric: str) -> str:
+    """The val metric that chooses among configurations: ``metric`` itself, else (a test metric that validation
+    has not, e.g. GLDv2's Private mAP@100) the dataset's main val metric."""
+    names = [m for c in candidates if c.selection for m in dataset_metrics(c.selection.metrics, "val", dataset)]
+    return metric if metric in names or not names else default_metric(dict.fromkeys(names))
+
+
 def choose(candidates: list[Candidate], dataset: str, metric: str) -> tuple[Candidate, str | None]:
     """The candidate of one label with the best val value of ``metric`` on ``dataset`` (a note when there was a
     choice to make)."""
@@ -217,10 +225,11 @@ def dataset_report(
     names = [m for c in candidates for m in dataset_metrics(c.shown.metrics, stage, dataset) if "global/" not in m]
     names = list(dict.fromkeys(names))
     metric = wanted[0] if wanted else default_metric(names)
+    chosen_on = selection_metric([c for group in by_label.values() for c in group], dataset, metric)
     columns = list(wanted) if wanted else names
     notes, rows = [], []
     for label, group in by_label.items():
-        chosen, note = choose(group, dataset, metric)
+        chosen, note = choose(group, dataset, chosen_on)
         if note:
             notes.append(note)
         run = chosen.shown
@@ -238,7 +247,7 @@ def dataset_report(
         )
     if any(f"global/{metric}" in row.metrics for row in rows) and f"global/{metric}" not in columns:
         columns.append(f"global/{metric}")  # what re-ranking started from
-    return DatasetReport(dataset, stage, metric, columns, rows, notes)
+    return DatasetReport(dataset, stage, metric, columns, rows, notes, chosen_on)
 
 
 def build_reports(
@@ -285,7 +294,7 @@ def markdown_table(report: DatasetReport) -> str:
 
 
 def describe_stage(report: DatasetReport) -> str:
-    chosen = f"`val/{report.dataset}/{report.metric}`"
+    chosen = f"`val/{report.dataset}/{report.chosen_on or report.metric}`"
     if report.stage == "val":
         return (
             f"**val** metrics of each run's chosen evaluation (by default its best checkpoint on its val monitor); "
@@ -295,7 +304,7 @@ def describe_stage(report: DatasetReport) -> str:
     return (
         f"**{report.stage}** metrics of the checkpoint chosen on val (by default each run's best checkpoint on its "
         f"val monitor); a sweep stands for its best trial on its val metric, several inputs of one method for the "
-        f"best on val: nothing is chosen on {report.stage} data."
+        f"best on {chosen}: nothing is chosen on {report.stage} data."
     )
 
 
@@ -434,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
     written = write_reports(reports, output_dir)
     for report in reports:
-        print(f"{report.stage} on {report.dataset} (plotted and chosen on: {report.metric})")
+        chosen_on = f"val/{report.dataset}/{report.chosen_on}"
+        print(f"{report.stage} on {report.dataset} (plotted: {report.metric}; chosen on {chosen_on})")
         print(markdown_table(report))
         for row in report.rows:
             print(f"  {row.method}: {row.source}")

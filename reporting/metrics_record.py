@@ -30,11 +30,11 @@ The file is one JSON object, meant to be read by people as well as by ``compare`
 * ``bytes_per_image``: what one database image takes in the search of a global-descriptor method (its largest
   embedding as float32, the dtype the evaluation searches); a re-ranker logs its own per configuration as the
   metric ``<stage>/<set>/bytes_per_image``.
-* ``timing``: wall-clock milliseconds per query of the newest evaluation of each stage, on the process and device
-  that searched: ``<stage>/<set>/ms_per_query`` (search, plus re-ranking where there is one, plus scoring the
-  ranking; ``@d<size>`` / ``@q<L_q>x<L_x>`` for other sizes, ``<stage>/<set>/global/ms_per_query`` the global
-  search alone). Not a metric: it changes from run to run, so it is kept out of ``evaluations`` (which two runs
-  of the same training reproduce exactly) and never selects anything.
+* ``timing``: wall-clock milliseconds per query of the newest evaluation of each stage and set, on the process
+  and device that searched: ``<stage>/<set>/ms_per_query`` (search, plus re-ranking where there is one, plus
+  scoring the ranking; ``@d<size>`` / ``@q<L_q>x<L_x>`` for other sizes, ``<stage>/<set>/global/ms_per_query``
+  the global search alone). Not a metric: it changes from run to run, so it is kept out of ``evaluations``
+  (which two runs of the same training reproduce exactly) and never selects anything.
 """
 
 from __future__ import annotations
@@ -105,15 +105,16 @@ def evaluation(
 def add_evaluations(path: str | Path, entries: list[dict], timing: dict[str, float] | None = None, **fields) -> dict:
     """Add ``entries`` to the record in ``path`` (replacing entries with the same stage, subcommand and
     checkpoint), set the top-level ``fields`` (e.g. ``method``), refresh the headline and write it atomically.
-    ``timing`` (``<stage>/...`` query times) replaces the recorded times of its stages."""
+    ``timing`` (``<stage>/<set>/...`` query times) replaces the recorded times of its stages' sets (a test on
+    another benchmark keeps the first one's)."""
     record = load_record(path)
     same = lambda a, b: _identity(a) == _identity(b)
     kept = [old for old in record[EVALUATIONS_KEY] if not any(same(old, new) for new in entries)]
     record = {k: v for k, v in record.items() if "/" not in k}  # headline numbers are recomputed below
     record.update(fields)
     if timing:
-        stages = {key.split("/", 1)[0] for key in timing}
-        older = {k: v for k, v in record.get(TIMING_KEY, {}).items() if k.split("/", 1)[0] not in stages}
+        timed = {_stage_and_set(key) for key in timing}
+        older = {k: v for k, v in record.get(TIMING_KEY, {}).items() if _stage_and_set(k) not in timed}
         record[TIMING_KEY] = {**older, **{k: float(v) for k, v in sorted(timing.items())}}
     record[EVALUATIONS_KEY] = kept + list(entries)
     record[HEADLINE_KEY] = {}
@@ -125,6 +126,10 @@ def add_evaluations(path: str | Path, entries: list[dict], timing: dict[str, flo
     record[EVALUATIONS_KEY] = evaluations  # last, after the headline numbers, for people reading the file
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _stage_and_set(key: str) -> tuple[str, ...]:
+    return tuple(key.split("/")[:2])
 
 
 def _datasets(entry: dict) -> tuple[str, ...]:

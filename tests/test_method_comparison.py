@@ -173,6 +173,28 @@ def test_a_sweep_stands_for_its_best_trial_on_val_and_test_shows_that_trials_tes
     assert "trial 1, the best of 2 complete trials on val/embedded/mAP@100 (maximize; 0.5000)" in table
 
 
+def test_a_test_metric_that_validation_lacks_chooses_on_the_main_val_metric(tmp_path, monkeypatch):
+    """GLDv2's layout: Public queries validate, Private ones test; two runs of one method are told apart on val."""
+    monkeypatch.chdir(tmp_path)
+    for name, public, private in (("a", 0.25, 0.9), ("b", 0.375, 0.125)):
+        metrics = {"val/landmarks/public/mAP@100": public, "test/landmarks/private/mAP@100": private}
+        write_run(Path(name), metrics, {"test/landmarks/ms_per_query": 1.5}, method="GeM", embedding_size=8)
+    compare_main(["a", "b", "--stage", "test", "--output-dir", "out"])
+    table = Path("out/landmarks.md").read_text()
+    assert [line for line in table.splitlines() if line.startswith("| GeM")] == ["| GeM | b | 0.1250 | 8 | 32 | 1.5 |"]
+    assert "for the best on `val/landmarks/public/mAP@100`: nothing is chosen on test data" in table
+    assert "GeM: the best of 2 configurations on val/landmarks/public/mAP@100 (b)" in table
+
+
+def test_query_times_are_replaced_per_stage_and_set(tmp_path):
+    path = tmp_path / "metrics.json"
+    test_of = lambda name: [evaluation("test", "test", "best.ckpt", ["best"], {f"test/{name}/mAP": 0.5})]
+    add_evaluations(path, test_of("a"), {"test/a/ms_per_query": 1.0, "test/a/ms_per_query@d8": 0.5})
+    add_evaluations(path, test_of("b"), {"test/b/ms_per_query": 2.0})  # another benchmark: a's times stay
+    add_evaluations(path, test_of("a"), {"test/a/ms_per_query": 3.0})  # a again: all of a's replaced
+    assert json.loads(path.read_text())["timing"] == {"test/a/ms_per_query": 3.0, "test/b/ms_per_query": 2.0}
+
+
 def test_bad_sweep_directories_are_refused_naming_the_file(tmp_path):
     sweep = write_sweep(tmp_path / "s", [("COMPLETE", {}, 0.0, embedded("val", 0.5, 0.5))])
     (sweep / "summary.json").write_text('{"trials": []}')
