@@ -47,6 +47,16 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, 
     return result
 
 
+@pytest.fixture(autouse=True)
+def no_run_directory_pin(monkeypatch):
+    """Every test starts with no run directory pinned. An in-process CLI run exports its directory
+    (``RETRIEVAL_RUN_DIR``); left behind by one test, it would pin the next test's in-process runs to it."""
+    from lightning_modules import run_directory
+
+    monkeypatch.delenv(run_directory.RUN_DIR_ENV, raising=False)
+    monkeypatch.setattr(run_directory, "_exported", None)
+
+
 @pytest.fixture
 def cli_workdir(tmp_path):
     """A working directory where runs and generated data go."""
