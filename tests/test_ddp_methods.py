@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_in_two_processes
+from test_d2r_detector import SMALL_DETECTOR
 from test_generated_landmarks import TINY as TINY_LANDMARKS
 
 from lightning_modules import run_directory
@@ -84,13 +85,6 @@ LANDMARKS = [
     "--trainer.limit_train_batches=2",
 ]
 TINY_RESNET = '--model.init_args.model_kwargs={"layers": [1, 1, 1, 1]}'
-SMALL_DETECTOR = {
-    "rpn_pre_nms_top_n_train": 50,
-    "rpn_post_nms_top_n_train": 20,
-    "rpn_pre_nms_top_n_test": 50,
-    "rpn_post_nms_top_n_test": 20,
-    "box_batch_size_per_image": 16,
-}
 
 
 @dataclasses.dataclass
