@@ -240,7 +240,9 @@ def main(args=None) -> None:
         if argv[:1] == ["compare"]:  # not a Lightning subcommand: compares finished runs
             method_comparison.main(argv[1:])
             return
-        RetrievalCLI(args=argv)
+        if args is None:  # the command line: LightningCLI reads sys.argv itself (and warns when also given args)
+            sys.argv[1:] = argv
+        RetrievalCLI(args=None if args is None else argv)
     except Exception as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not raised_on_purpose(error):
             raise
