@@ -6,12 +6,29 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_modules.run_directory import LAST_CHECKPOINT, best_checkpoint, newest_finished_run  # noqa: E402
+from retrieval.search import usable_cpus  # noqa: E402
+
+_threads_per_run: int | None = None
+
+
+@contextmanager
+def share_cores(runs: int):
+    """Within it, commands started ``runs`` at a time each get an equal share of the CPU cores as their torch
+    threads (``OMP_NUM_THREADS``, unless set): more threads than cores spin against each other, several times
+    slower on a small machine."""
+    global _threads_per_run
+    _threads_per_run = max(1, usable_cpus() // runs) if runs > 1 else None
+    try:
+        yield
+    finally:
+        _threads_per_run = None
 
 
 def cli(subcommand: str, *args: str, log: Path) -> None:
@@ -19,6 +36,8 @@ def cli(subcommand: str, *args: str, log: Path) -> None:
     command = [sys.executable, "-m", "lightning_modules.cli", subcommand, *args]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     environment.pop("RETRIEVAL_RUN_DIR", None)  # each command chooses its own run directory
+    if _threads_per_run is not None:
+        environment.setdefault("OMP_NUM_THREADS", str(_threads_per_run))
     with open(log, "a") as output:
         output.write(f"$ {' '.join(command)}\n")
         output.flush()

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from cli_runs import REPO, cli, fit_once, split_overrides
+from cli_runs import REPO, cli, fit_once, share_cores, split_overrides
 
 from datamodules.generated_landmarks import GeneratedLandmarksRevisited, GeneratedLandmarksSpec  # noqa: E402
 from datamodules.landmark_boxes import read_landmark_boxes, read_scored_boxes  # noqa: E402
@@ -95,7 +95,7 @@ def run_pipeline(args, overrides: list[str]) -> dict[str, Path]:
             cli("predict", *config, *predict, f"--predictions.output_dir={boxes.parent}", "--ckpt_path",
                 str(checkpoint), *overrides, log=log)  # fmt: skip
 
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+    with share_cores(args.parallel), ThreadPoolExecutor(max(1, args.parallel)) as pool:
         chains = [pool.submit(local_features), pool.submit(detector)]
         local_checkpoint = chains[0].result()
         chains[1].result()

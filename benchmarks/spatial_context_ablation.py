@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cli_runs import REPO, cli, fit_once, split_overrides
+from cli_runs import REPO, cli, fit_once, share_cores, split_overrides
 
 from lightning_modules.spatial_context import ABLATIONS as VARIANTS  # noqa: E402
 from reporting.run_results import read_run  # noqa: E402
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     args = parser.parse_args(argv)
 
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+    with share_cores(args.parallel), ThreadPoolExecutor(max(1, args.parallel)) as pool:
         results = list(pool.map(lambda name: run_variant(name, args, overrides), args.variants))
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "ablation.json", results)

@@ -150,7 +150,7 @@ def ranking_positions(
         else:
             chunk_size = chunk_size or max(1, DENSE_CHUNK_BYTES // (4 * max(num_database, 1)))
             # Rows are counted in parallel threads (numpy releases the GIL), each with its own buffers.
-            threads = resources.enter_context(ThreadPoolExecutor(min(8, _usable_cpus())))
+            threads = resources.enter_context(ThreadPoolExecutor(min(8, usable_cpus())))
             own = threading.local()
 
             def count_row(scores: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -210,7 +210,7 @@ def _checked_inputs(queries, database, exclude_self: bool) -> tuple[np.ndarray, 
     return queries, database
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux), not the machine's
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

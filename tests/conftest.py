@@ -1,7 +1,13 @@
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,10 +28,14 @@ SMALL_BENCHMARK = [
 ]
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300):
-    """Run ``python -m lightning_modules.cli`` in a subprocess (as a user would) and return the result.
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300, fresh: bool = False
+):
+    """Run ``python -m lightning_modules.cli`` in a new process (as a user would) and return the result.
 
-    ``env`` entries are added to the environment; a ``None`` value removes the variable.
+    ``env`` entries are added to the environment; a ``None`` value removes the variable. The process is forked
+    from one that has already imported torch and Lightning (tests/cli_fork_server.py), which saves most of a small
+    run's time; ``fresh=True`` starts a new interpreter instead.
     """
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     # WANDB_SERVICE: a W&B service started by an in-process test must not be shared with the subprocess.
@@ -34,17 +44,84 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True, 
             environment.pop(name, None)
         else:
             environment[name] = value
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    if fresh:
+        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        options = dict(capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=cwd, env=environment, **options)
+    else:
+        result = _fork_server().run(list(args), cwd, environment, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_cli_together(*runs: tuple[list[str], dict | None], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Independent command-line runs ``(arguments, environment)``, started at the same time, each with an equal
+    share of the cores as its torch threads (more threads than cores spin against each other); each must succeed."""
+    from retrieval.search import usable_cpus
+
+    share = {"OMP_NUM_THREADS": str(max(1, usable_cpus() // len(runs)))}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run_cli, *arguments, cwd=cwd, env={**share, **(env or {})}) for arguments, env in runs]
+        return [future.result() for future in futures]
+
+
+class CLIForkServer:
+    """The client of tests/cli_fork_server.py: one server per test session, started on first use."""
+
+    def __init__(self):
+        self.directory = Path(tempfile.mkdtemp(prefix="cli-fork-"))
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+        server = [sys.executable, str(TESTS / "cli_fork_server.py"), str(self.directory / "socket")]
+        self.process = subprocess.Popen(server, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if self.process.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"the CLI fork server did not start (exit code {self.process.wait()})")
+
+    def run(self, args: list[str], cwd: Path, environment: dict, timeout: float) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        output = {name: tempfile.mkstemp(prefix=name, dir=self.directory)[1] for name in ("stdout", "stderr")}
+        request = {"args": args, "cwd": str(cwd), "env": environment, **output}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(timeout)
+            connection.connect(str(self.directory / "socket"))
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            replies = connection.makefile("rb")
+            pid = int(replies.readline())
+            try:
+                returncode = int(replies.readline())
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)  # with the processes it started
+                raise subprocess.TimeoutExpired(command, timeout, *self._read(output)) from None
+        return subprocess.CompletedProcess(command, returncode, *self._read(output))
+
+    @staticmethod
+    def _read(output: dict) -> tuple[str, str]:
+        texts = tuple(Path(output[name]).read_text(errors="replace") for name in ("stdout", "stderr"))
+        for path in output.values():
+            os.remove(path)
+        return texts
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_server: CLIForkServer | None = None
+_server_lock = threading.Lock()  # threads of one test may start runs together
+
+
+def _fork_server() -> CLIForkServer:
+    global _server
+    with _server_lock:
+        if _server is None:
+            _server = CLIForkServer()
+    return _server
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _server is not None:
+        _server.close()
 
 
 @pytest.fixture(autouse=True)
@@ -70,17 +147,35 @@ def free_port() -> int:
 
 
 def run_in_two_processes(worker, *args, timeout: float = 120) -> dict:
-    """``{rank: result}`` of ``worker(rank, port, *args, queue)`` run in 2 spawned processes; the worker puts
+    """``{rank: result}`` of ``worker(rank, port, *args, queue)`` run in 2 new processes; the worker puts
     ``(rank, result)`` on the queue (numpy arrays: tensors would be shared through a file descriptor of an
-    exiting process) within ``timeout`` seconds."""
+    exiting process) within ``timeout`` seconds.
+
+    The processes are forked from a server that has imported torch and Lightning once per session (a spawned
+    process imports them again: seconds each), with this process's environment of the moment, as spawned ones."""
     import torch.multiprocessing as mp
 
-    context, port = mp.get_context("spawn"), free_port()
+    context, port = mp.get_context("forkserver"), free_port()
+    context.set_forkserver_preload(["torch", "lightning.pytorch"])
     queue = context.Queue()
-    processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(2)]
+    environment = dict(os.environ)
+    processes = [
+        context.Process(target=_in_environment, args=(environment, worker, rank, port, *args, queue))
+        for rank in range(2)
+    ]
     for process in processes:
         process.start()
     results = dict(queue.get(timeout=timeout) for _ in processes)
     for process in processes:
         process.join(timeout=60)
     return results
+
+
+def _in_environment(environment: dict, worker, *args) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    if "OMP_NUM_THREADS" in environment:  # read by torch when the server imported it
+        import torch
+
+        torch.set_num_threads(int(environment["OMP_NUM_THREADS"]))
+    worker(*args)

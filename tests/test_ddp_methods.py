@@ -1,9 +1,9 @@
 """Every method's training and evaluation through the command line on 1 process and on 2 DDP processes (gloo,
 CPU), on tiny generated data: the same evaluations wherever training is deterministic.
 
-The 1-process runs are in-process CLI calls. The 2-process runs are the same calls in 2 spawned workers that carry
+The 1-process runs are in-process CLI calls. The 2-process runs are the same calls in 2 worker processes that carry
 the torchrun environment (rank, world size, rendezvous address), so Lightning joins their process group instead
-of launching processes: one spawn for every method, as each DDP launch costs seconds. Each run's directory is
+of launching processes: one pair of workers for every method, as each DDP launch costs seconds. Each run's directory is
 pinned (``RETRIEVAL_RUN_DIR``), so both processes write into it, and the evaluation names its checkpoint.
 
 Related tests: AE-SVC ``fit`` on 1 vs 2 processes launched as a user launches them, by Lightning

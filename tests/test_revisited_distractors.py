@@ -3,12 +3,11 @@ every example at its global position, and the command line on images and on stor
 
 import json
 import pickle
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli_together
 from layouts import write_distractors, write_revisited
 from test_datamodules import OneProcess
 
@@ -77,13 +76,6 @@ def test_distractors_are_one_part_shared_by_both_databases_and_scored_at_their_g
     assert wrong != {k: metrics[f"test/roxford5k+1m/{k}"] for k in wrong}
 
 
-def run_cli_together(*runs: tuple[str, ...], cwd):
-    """Independent command-line runs, started at the same time (one imports while the other works: the runs are
-    mostly start-up); each must succeed."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        return [future.result() for future in [pool.submit(run_cli, *args, cwd=cwd) for args in runs]]
-
-
 def read_test_metrics(run_directory):
     metrics = json.loads((run_directory / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if k.startswith("test/")}
@@ -126,13 +118,13 @@ def test_command_line_scores_the_distractors_alike_on_images_features_and_two_pr
     two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     # Two at a time, one of them on two processes: the stored features are read once predict has finished.
     run_cli_together(
-        ("predict", "--config", images, "--predictions.output_dir=features/tiny"),
-        ("test", "--config", images, *two, "--trainer.default_root_dir=runs/images_two"),
+        (["predict", "--config", images, "--predictions.output_dir=features/tiny"], None),
+        (["test", "--config", images, *two, "--trainer.default_root_dir=runs/images_two"], None),
         cwd=layout,
     )
     run_cli_together(
-        ("test", "--config", images, "--trainer.default_root_dir=runs/images_one"),
-        ("test", "--config", stored, *two, "--trainer.default_root_dir=runs/stored_two"),
+        (["test", "--config", images, "--trainer.default_root_dir=runs/images_one"], None),
+        (["test", "--config", stored, *two, "--trainer.default_root_dir=runs/stored_two"], None),
         cwd=layout,
     )
 

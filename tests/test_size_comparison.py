@@ -3,11 +3,10 @@ fidelity checks of (SS)2D on the embedded benchmark."""
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import lightning.pytorch as pl
 import pytest
-from conftest import REPO, SMALL_BENCHMARK, run_cli
+from conftest import REPO, SMALL_BENCHMARK, run_cli_together
 
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 from datamodules import EmbeddedBenchmark
@@ -46,14 +45,6 @@ def test_plot_is_written_as_a_png(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC and not list(path.parent.glob(".*tmp*"))
     with pytest.raises(ValueError, match="no per-size metrics"):
         plot_size_curves({"A": {}}, tmp_path / "empty.png")
-
-
-def run_cli_together(*runs: tuple[list[str], dict | None], cwd):
-    """Independent command-line runs ``(arguments, environment)``, started at the same time (one imports while
-    the other works: small runs are mostly start-up); each must succeed."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        futures = [pool.submit(run_cli, *arguments, cwd=cwd, env=env) for arguments, env in runs]
-        return [future.result() for future in futures]
 
 
 @pytest.mark.slow
