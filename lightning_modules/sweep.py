@@ -153,11 +153,31 @@ def trial_directory(directory: Path, number: int) -> Path:
 
 def next_grid_point(sweep: SweepDefinition, study) -> dict | None:
     """The first grid combination no trial of the study has taken, or ``None`` when all are taken."""
-    taken = [trial.params for trial in study.get_trials(deepcopy=False)]
+    # a trial's values: suggested, or fixed when enqueued (not yet suggested while waiting or just started)
+    trials = study.get_trials(deepcopy=False)
+    taken = [{**trial.system_attrs.get("fixed_params", {}), **trial.params} for trial in trials]
     for combination in sweep.grid():
         if not any(_same_params(combination, params) for params in taken):
             return combination
     return None
+
+
+def take_grid_point(sweep: SweepDefinition, study, directory: Path):
+    """A new trial of the first grid combination no trial has taken (``None`` when all are taken). Runners that
+    share the study take turns (a lock file beside its journal, safe on shared file systems as the journal's own):
+    two that looked at the same moment would otherwise both take the same combination."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    lock = JournalFileOpenLock(str(directory / "grid"))
+    lock.acquire()
+    try:
+        point = next_grid_point(sweep, study)
+        if point is None:
+            return None
+        study.enqueue_trial({name: _optuna_value(value) for name, value in point.items()})
+        return study.ask()
+    finally:
+        lock.release()
 
 
 def _same_params(combination: dict, params: dict) -> bool:
@@ -182,13 +202,11 @@ def run_sweep(
         print(f"sweep: trial {trial.number} was interrupted; resuming it", flush=True)
         _run_trial(sweep, study, optuna.trial.Trial(study, trial._trial_id), directory, extra, in_process)
     while len(finished_trials(study)) < count:
-        if sweep.method == "grid":
-            point = next_grid_point(sweep, study)
-            if point is None:
-                print(f"sweep: all {len(sweep.grid())} grid combinations are taken", flush=True)
-                break
-            study.enqueue_trial({name: _optuna_value(value) for name, value in point.items()})
-        _run_trial(sweep, study, study.ask(), directory, extra, in_process)
+        trial = take_grid_point(sweep, study, directory) if sweep.method == "grid" else study.ask()
+        if trial is None:
+            print(f"sweep: all {len(sweep.grid())} grid combinations are taken", flush=True)
+            break
+        _run_trial(sweep, study, trial, directory, extra, in_process)
     rows = summary_rows(sweep, study, directory)
     write_summary(sweep, rows, directory)
     return rows

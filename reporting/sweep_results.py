@@ -20,8 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from lightning_modules.sweep_definition import SweepDefinitionError, load_sweep
 from reporting.run_results import RunMetrics, RunResultsError, read_run
 
 SWEEP_FILE = "sweep.yaml"
@@ -64,21 +63,14 @@ def sweep_metric(directory: str | Path) -> tuple[str, str]:
     """``(metric, goal)`` of the sweep in ``directory``; a metric that is not a val metric is refused."""
     path = Path(directory) / SWEEP_FILE
     try:
-        definition = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RunResultsError(f"{path} is not valid YAML: {error}") from None
-    metric = definition.get("metric") if isinstance(definition, dict) else None
-    if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
+        sweep = load_sweep(path)
+    except SweepDefinitionError as error:
+        raise RunResultsError(str(error)) from None
+    if not sweep.metric.startswith("val/"):
         raise RunResultsError(
-            f"{path} has no metric: expected a W&B sweep definition with metric: {{name: val/<set>/<metric>, "
-            "goal: maximize|minimize}"
+            f"{path}: the sweep selects on {sweep.metric}; a configuration is chosen on a val metric only"
         )
-    name, goal = metric["name"], metric.get("goal", "minimize")  # W&B's default goal
-    if goal not in ("maximize", "minimize"):
-        raise RunResultsError(f"{path}: metric goal {goal!r} must be maximize or minimize")
-    if not name.startswith("val/"):
-        raise RunResultsError(f"{path}: the sweep selects on {name}; a configuration is chosen on a val metric only")
-    return name, goal
+    return sweep.metric, sweep.goal
 
 
 def read_trials(directory: str | Path) -> list[SweepTrial]:

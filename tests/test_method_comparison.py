@@ -2,6 +2,7 @@
 image, query times recorded by the evaluation, the Markdown tables, the plots and the W&B logging."""
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -202,6 +203,9 @@ def test_bad_sweep_directories_are_refused_naming_the_file(tmp_path):
         best_trial(sweep)
     (sweep / "summary.json").unlink()
     with pytest.raises(RunResultsError, match="holds sweep.yaml but no summary.json"):
+        best_trial(sweep)
+    (sweep / "sweep.yaml").write_text("method: random\nparameters: {}\n")
+    with pytest.raises(RunResultsError, match=re.escape(f"{sweep / 'sweep.yaml'}: missing `metric`")):
         best_trial(sweep)
     on_test = write_sweep(tmp_path / "t", [("COMPLETE", {}, 0.0, embedded("test", 0.5, 0.5))], "test/embedded/mAP@100")
     with pytest.raises(RunResultsError, match="selects on test/embedded/mAP@100; .* on a val metric only"):

@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,6 +182,27 @@ def test_grid_runs_every_combination_once_in_the_files_order_and_tabulates_best_
     assert summary.index("| 0 | COMPLETE | 0.9000 | 0.3 | 0 |") < summary.index("| 2 | COMPLETE | 0.3000 | 0.1 | 0 |")
     assert json.loads((tmp_path / "sweep/summary.json").read_text()) == rows
     assert "val/fake/score" in capsys.readouterr().out
+
+
+def test_two_runners_sharing_a_grid_study_never_take_the_same_combination(tmp_path, monkeypatch):
+    definition = load_sweep(fake_sweep(tmp_path, {"x": {"values": [0.3, 0.1, 0.2]}}))
+    directory = tmp_path / "sweep"
+    studies = [sweep.open_study(definition, directory) for _ in range(2)]  # two runners' handles on one journal
+    both_looked = threading.Barrier(2)
+    first_free = sweep.next_grid_point
+
+    def next_point_then_wait_for_the_other(*args):
+        point = first_free(*args)
+        try:  # unlocked, both runners would look before either enqueues, and take the same combination
+            both_looked.wait(timeout=1)
+        except threading.BrokenBarrierError:  # the other runner waits for the lock instead
+            pass
+        return point
+
+    monkeypatch.setattr(sweep, "next_grid_point", next_point_then_wait_for_the_other)
+    with ThreadPoolExecutor(2) as pool:
+        trials = list(pool.map(lambda study: sweep.take_grid_point(definition, study, directory), studies))
+    assert sorted(definition.parameters[0].suggest(trial) for trial in trials) == [0.1, 0.3]
 
 
 def test_random_and_bayesian_search_draw_within_the_bounds_and_arguments_after_the_sweeps_win(tmp_path):
