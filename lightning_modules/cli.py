@@ -137,6 +137,7 @@ class RetrievalCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        count_batches_as_integers(parser)
         parser.add_lightning_class_args(RetrievalEvaluation, "evaluation")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -223,6 +224,16 @@ class RetrievalCLI(LightningCLI):
 
 def _wandb_runs(directory: Path) -> list[Path]:
     return [p for p in (directory / "wandb").glob("*run-*") if p.is_dir()]
+
+
+def count_batches_as_integers(parser: LightningArgumentParser) -> None:
+    """``--trainer.limit_train_batches=1`` is one batch. Lightning types the ``limit_*_batches`` options
+    ``float | int`` (a float is a fraction of the batches, an int a number of them) and the parser tries the types
+    in that order, so "1" became 1.0, the whole epoch, and a single batch could not be asked for; with the integer
+    tried first, "0.5" is still half."""
+    for action in parser._actions:
+        if action.dest.startswith("trainer.limit_") and getattr(action, "_typehint", None) == float | int | None:
+            action._typehint = int | float | None
 
 
 def default_run_root(config) -> Path:

@@ -58,6 +58,20 @@ def test_trainer_snippets_add_to_a_method_config(snippet, capsys):
     assert trainer["max_epochs"] == method["max_epochs"] and trainer["logger"]["class_path"].endswith("WandbLogger")
 
 
+def test_a_whole_number_of_batches_is_a_count_and_a_fraction_a_fraction(tmp_path, capsys):
+    """Lightning reads limit_*_batches=1 (an int) as one batch and 1.0 as the whole epoch: "1" must stay an int,
+    from the command line and from a config file alike."""
+    snippet = tmp_path / "limits.yaml"
+    snippet.write_text("limit_val_batches: 1\n")
+    args = ["fit", "--config", str(CONFIGS / "aesvc/embedded.yaml"), "--trainer", str(snippet)]
+    args += ["--trainer.limit_train_batches=1", "--trainer.limit_test_batches=0.5", "--print_config"]
+    with pytest.raises(SystemExit):
+        RetrievalCLI(args=args)
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    limits = [trainer[f"limit_{stage}_batches"] for stage in ("train", "val", "test")]
+    assert limits == [1, 1, 0.5] and [type(limit) for limit in limits] == [int, int, float]
+
+
 def test_extraction_configs_are_those_the_generator_writes():
     spec = importlib.util.spec_from_file_location("generate", CONFIGS / "extract/generate.py")
     generate = importlib.util.module_from_spec(spec)

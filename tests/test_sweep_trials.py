@@ -37,8 +37,7 @@ from retrieval.feature_store import write_feature_store
 
 SWEEP_FILES = sorted(p for p in (REPO / "sweeps").iterdir() if p.suffix in (".yaml", ".yml"))
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-# Two training steps, then the validation that scores the trial. (The CLI reads limit_train_batches=1 as the float
-# 1.0, i.e. the whole epoch; 2 becomes 2.0, which Lightning takes as 2 batches. max_steps=1 would end before it.)
+# Two training steps, then the validation that scores the trial (max_steps would end the run before it).
 TWO_STEPS = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
 
 EMBEDDED = EmbeddedBenchmarkSpec(
