@@ -23,7 +23,7 @@ import select
 import socket
 import sys
 
-PRELOADED = ("numpy", "torch", "torchvision", "lightning.pytorch", "jsonargparse", "h5py")
+PRELOADED = ("numpy", "torch", "torchvision", "lightning.pytorch", "jsonargparse")
 
 
 def serve(path: str) -> tuple[dict, socket.socket]:
