@@ -41,9 +41,14 @@ def cli(subcommand: str, *args: str, log: Path) -> None:
     with open(log, "a") as output:
         output.write(f"$ {' '.join(command)}\n")
         output.flush()
-        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
-    if result.returncode != 0:
-        raise RuntimeError(f"{subcommand} failed ({result.returncode}); see {log}")
+        returncode = run_command(command, environment, output)
+    if returncode != 0:
+        raise RuntimeError(f"{subcommand} failed ({returncode}); see {log}")
+
+
+def run_command(command: list[str], environment: dict, output) -> int:
+    """Run ``command`` with its standard output and error into the open file ``output``; its exit code."""
+    return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=environment).returncode
 
 
 def fit_once(directory: Path, *args: str, log: Path) -> tuple[Path, Path]:

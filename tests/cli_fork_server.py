@@ -5,7 +5,7 @@ Lightning: the imports are most of a small run's time (about 5 s of every run on
 
 A client connects to the Unix socket ``SOCKET`` and sends one JSON line ``{"args", "cwd", "env", "stdout",
 "stderr"}``. The server forks; the child becomes ``python -m lightning_modules.cli <args>`` run in ``cwd`` with
-exactly the environment ``env``, writing to the files ``stdout`` and ``stderr``, and exits as that command would
+exactly the environment ``env``, appending to the files ``stdout`` and ``stderr`` (they may be one), and exits as that command would
 (its own process group, so that a timeout can stop the processes it started). The server answers the child's pid,
 then its exit code (negative: the signal that ended it), one line each. It stops when its standard input closes.
 
@@ -79,7 +79,7 @@ def become_command(request: dict) -> None:
     for fd, (file, flags) in enumerate(
         [
             (os.devnull, os.O_RDONLY),
-            *((request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for name in ("stdout", "stderr")),
+            *((request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND) for name in ("stdout", "stderr")),
         ]
     ):
         opened = os.open(file, flags, 0o644)

@@ -77,10 +77,31 @@ class CLIForkServer:
         if self.process.stdout.readline() != b"ready\n":
             raise RuntimeError(f"the CLI fork server did not start (exit code {self.process.wait()})")
 
-    def run(self, args: list[str], cwd: Path, environment: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str], cwd: Path, environment: dict, timeout: float, log: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        """The command's result; with ``log``, its output is appended to that file instead of returned."""
         command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        if log is not None:
+            return subprocess.CompletedProcess(
+                command, self._wait(command, cwd, environment, timeout, log, log), "", ""
+            )
         output = {name: tempfile.mkstemp(prefix=name, dir=self.directory)[1] for name in ("stdout", "stderr")}
-        request = {"args": args, "cwd": str(cwd), "env": environment, **output}
+        try:
+            returncode = self._wait(command, cwd, environment, timeout, output["stdout"], output["stderr"])
+        except subprocess.TimeoutExpired as timeout_error:
+            timeout_error.output, timeout_error.stderr = self._read(output)
+            raise
+        return subprocess.CompletedProcess(command, returncode, *self._read(output))
+
+    def _wait(self, command: list[str], cwd: Path, environment: dict, timeout: float, stdout, stderr) -> int:
+        request = {
+            "args": command[3:],
+            "cwd": str(cwd),
+            "env": environment,
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+        }
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(timeout)
             connection.connect(str(self.directory / "socket"))
@@ -88,11 +109,10 @@ class CLIForkServer:
             replies = connection.makefile("rb")
             pid = int(replies.readline())
             try:
-                returncode = int(replies.readline())
+                return int(replies.readline())
             except TimeoutError:
                 os.killpg(pid, signal.SIGKILL)  # with the processes it started
-                raise subprocess.TimeoutExpired(command, timeout, *self._read(output)) from None
-        return subprocess.CompletedProcess(command, returncode, *self._read(output))
+                raise subprocess.TimeoutExpired(command, timeout) from None
 
     @staticmethod
     def _read(output: dict) -> tuple[str, str]:
@@ -117,6 +137,15 @@ def _fork_server() -> CLIForkServer:
         if _server is None:
             _server = CLIForkServer()
     return _server
+
+
+def run_cli_command(command: list[str], environment: dict, output) -> int:
+    """``benchmarks/cli_runs.run_command`` as the tests run it: the same command and environment, in the working
+    directory, forked from the pre-imported process; its output appended to the open file ``output``."""
+    if command[:3] != [sys.executable, "-m", "lightning_modules.cli"]:
+        raise ValueError(f"not a command-line run: {command}")
+    output.flush()
+    return _fork_server().run(command[3:], Path.cwd(), environment, timeout=600, log=Path(output.name)).returncode
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -3,12 +3,13 @@ and the ablation's variants through the command line on a tiny generated landmar
 layout, test on it and on the Revisited-layout split, 1 and 2 processes validating alike."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_cli_command
 
 from lightning_modules.base import MODEL_CLASS_KEY, load_frozen_module
 from lightning_modules.nn.margin_heads import ContiguousLabels
@@ -16,6 +17,7 @@ from lightning_modules.spatial_context import SpatialContextRetrieval
 from reporting.run_results import read_run
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import cli_runs  # noqa: E402
 import spatial_context_ablation  # noqa: E402
 
 CONFIGS = REPO / "configs"
@@ -80,6 +82,9 @@ def test_ablation_trains_variants_through_the_cli_and_tests_them_on_both_layouts
     # Plain GeM and the full model side by side (the default pooling is the full model, so plain GeM's test
     # also checks that a variant's pooling comes back from its checkpoint); the benchmark is drawn once.
     monkeypatch.chdir(tmp_path)
+    # The script's commands, each in a new process as the script starts them, forked from one that has imported
+    # torch and Lightning instead of a new interpreter (test_the_scripts_command_runner_... runs the real one).
+    monkeypatch.setattr(cli_runs, "run_command", run_cli_command)
     variants = ["plain_gem", "learnable_smoothing_gcn"]
     ablation = ["--variants", *variants, "--parallel", "2", "--objective-batches", "1", "--", *tiny, *QUIET]
     results = {r["variant"]: r for r in spatial_context_ablation.main(["--output", "ablation", *ablation])}
@@ -111,3 +116,12 @@ def test_ablation_trains_variants_through_the_cli_and_tests_them_on_both_layouts
     run_cli("validate", *fit, "--ckpt_path", str(checkpoint), *ddp, cwd=tmp_path)
     assert len(json.loads((run / "metrics.json").read_text())["evaluations"]) == evaluations + 1
     assert read_run(run, "val", checkpoint.name).metrics == one_process
+
+
+def test_the_scripts_command_runner_returns_the_exit_code_and_appends_both_streams_to_the_log(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("earlier\n")
+    script = "import sys; print('out', flush=True); sys.stderr.write('err'); sys.exit(3)"
+    with open(log, "a") as output:
+        assert cli_runs.run_command([sys.executable, "-c", script], dict(os.environ), output) == 3
+    assert log.read_text() == "earlier\nout\nerr"
