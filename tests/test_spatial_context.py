@@ -1,20 +1,19 @@
 """The spatial-context method as a module: its label map and classifier through a checkpoint, its training step,
 and the ablation's variants through the command line on a tiny generated landmark benchmark: fit on the GLDv2
-layout, test on it and on the Revisited-layout split, 1 and 2 processes validating alike."""
+layout, test on it and on the Revisited-layout split. (Its evaluation on 1 and 2 processes alike:
+tests/test_ddp_methods.py.)"""
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, run_cli_command
+from conftest import REPO, run_cli_command
 
 from lightning_modules.base import MODEL_CLASS_KEY, load_frozen_module
 from lightning_modules.nn.margin_heads import ContiguousLabels
 from lightning_modules.spatial_context import SpatialContextRetrieval
-from reporting.run_results import read_run
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import cli_runs  # noqa: E402
@@ -107,15 +106,6 @@ def test_ablation_trains_variants_through_the_cli_and_tests_them_on_both_layouts
     run = Path(results["learnable_smoothing_gcn"]["run"])
     checkpoint = run / results["learnable_smoothing_gcn"]["checkpoint"]
     assert MODEL_CLASS_KEY in torch.load(checkpoint, map_location="cpu", weights_only=True)
-    # Evaluation is deterministic, so 2 processes validate the checkpoint exactly as the single-process fit did
-    # (training is not: each process draws its own augmentations, and BatchNorm sees its own half of the batch).
-    one_process = read_run(run, "val", checkpoint.name).metrics
-    fit = ["--config", str(CONFIGS / "spatial_context/generated_landmarks.yaml"), *tiny, *QUIET]
-    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    evaluations = len(json.loads((run / "metrics.json").read_text())["evaluations"])
-    run_cli("validate", *fit, "--ckpt_path", str(checkpoint), *ddp, cwd=tmp_path)
-    assert len(json.loads((run / "metrics.json").read_text())["evaluations"]) == evaluations + 1
-    assert read_run(run, "val", checkpoint.name).metrics == one_process
 
 
 def test_the_scripts_command_runner_returns_the_exit_code_and_appends_both_streams_to_the_log(tmp_path):
