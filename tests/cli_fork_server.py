@@ -26,7 +26,7 @@ import sys
 PRELOADED = ("numpy", "torch", "torchvision", "lightning.pytorch", "jsonargparse")
 
 
-def serve(path: str) -> tuple[dict, socket.socket]:
+def serve(path: str) -> dict:
     """Accept requests until standard input closes; returns in each forked child only, with its request."""
     for name in PRELOADED:
         importlib.import_module(name)
@@ -45,9 +45,9 @@ def serve(path: str) -> tuple[dict, socket.socket]:
             pid = os.fork()
             if pid == 0:
                 listener.close()
-                for other in running.values():
+                for other in [connection, *running.values()]:
                     other.close()
-                return request, connection
+                return request
             running[pid] = connection
             reply(connection, pid)
         while running:
@@ -90,9 +90,7 @@ def become_command(request: dict) -> None:
 
 
 if __name__ == "__main__":
-    request, connection = serve(sys.argv[1])
-    connection.close()
-    become_command(request)
+    become_command(serve(sys.argv[1]))
     import runpy
 
     # An exception propagates and an exit code is raised as SystemExit, so the interpreter ends the child as it

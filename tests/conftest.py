@@ -28,6 +28,9 @@ SMALL_BENCHMARK = [
 ]
 
 
+CLI_COMMAND = [sys.executable, "-m", "lightning_modules.cli"]
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300, fresh: bool = False
 ):
@@ -45,7 +48,7 @@ def run_cli(
         else:
             environment[name] = value
     if fresh:
-        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        command = [*CLI_COMMAND, *args]
         options = dict(capture_output=True, text=True, timeout=timeout)
         result = subprocess.run(command, cwd=cwd, env=environment, **options)
     else:
@@ -81,22 +84,20 @@ class CLIForkServer:
         self, args: list[str], cwd: Path, environment: dict, timeout: float, log: Path | None = None
     ) -> subprocess.CompletedProcess:
         """The command's result; with ``log``, its output is appended to that file instead of returned."""
-        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        command = [*CLI_COMMAND, *args]
         if log is not None:
-            return subprocess.CompletedProcess(
-                command, self._wait(command, cwd, environment, timeout, log, log), "", ""
-            )
+            return subprocess.CompletedProcess(command, self._wait(args, cwd, environment, timeout, log, log), "", "")
         output = {name: tempfile.mkstemp(prefix=name, dir=self.directory)[1] for name in ("stdout", "stderr")}
         try:
-            returncode = self._wait(command, cwd, environment, timeout, output["stdout"], output["stderr"])
+            returncode = self._wait(args, cwd, environment, timeout, output["stdout"], output["stderr"])
         except subprocess.TimeoutExpired as timeout_error:
             timeout_error.output, timeout_error.stderr = self._read(output)
             raise
         return subprocess.CompletedProcess(command, returncode, *self._read(output))
 
-    def _wait(self, command: list[str], cwd: Path, environment: dict, timeout: float, stdout, stderr) -> int:
+    def _wait(self, args: list[str], cwd: Path, environment: dict, timeout: float, stdout, stderr) -> int:
         request = {
-            "args": command[3:],
+            "args": args,
             "cwd": str(cwd),
             "env": environment,
             "stdout": str(stdout),
@@ -112,7 +113,7 @@ class CLIForkServer:
                 return int(replies.readline())
             except TimeoutError:
                 os.killpg(pid, signal.SIGKILL)  # with the processes it started
-                raise subprocess.TimeoutExpired(command, timeout) from None
+                raise subprocess.TimeoutExpired([*CLI_COMMAND, *args], timeout) from None
 
     @staticmethod
     def _read(output: dict) -> tuple[str, str]:
@@ -142,10 +143,11 @@ def _fork_server() -> CLIForkServer:
 def run_cli_command(command: list[str], environment: dict, output) -> int:
     """``benchmarks/cli_runs.run_command`` as the tests run it: the same command and environment, in the working
     directory, forked from the pre-imported process; its output appended to the open file ``output``."""
-    if command[:3] != [sys.executable, "-m", "lightning_modules.cli"]:
+    if command[: len(CLI_COMMAND)] != CLI_COMMAND:
         raise ValueError(f"not a command-line run: {command}")
     output.flush()
-    return _fork_server().run(command[3:], Path.cwd(), environment, timeout=600, log=Path(output.name)).returncode
+    args = command[len(CLI_COMMAND) :]
+    return _fork_server().run(args, Path.cwd(), environment, timeout=600, log=Path(output.name)).returncode
 
 
 def pytest_sessionfinish(session, exitstatus):
